@@ -1,0 +1,96 @@
+r"""Shared defaults: the paper's pre-training recipe (ViT-L/16, 800 epochs).
+
+Every field can be overridden on the command line, e.g.
+  python -m mae_jax.main --config=configs/vit_b.py --config.model.mask_ratio=0.5
+or through the config string argument (short names for model fields work too):
+  python -m mae_jax.main --config=configs/vit_l.py:decoder_depth=1,batch_size=1024
+"""
+
+import ast
+
+import ml_collections
+
+from mae_jax import model as model_lib
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def get_config(arg=None):
+  """The paper recipe for `vit_l`; size configs call `sized_config`."""
+  return sized_config("vit_l", arg)
+
+
+def sized_config(size, arg=None):
+  """The recipe for encoder `size` (a key of mae_jax.model.SIZES), then `arg` overrides."""
+  config = ml_collections.ConfigDict()
+
+  # Network: encoder size from the table; decoder 512 wide, 8 deep (paper default).
+  config.model = ml_collections.ConfigDict(dict(
+      img_size=224, in_chans=3,
+      decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+      norm_pix_loss=True,           # per-patch normalised pixel targets (Table 1d)
+      mask_ratio=0.75,              # fraction of patches removed
+      mask_sampler="random",        # random | block | grid (Table 1f)
+      mask_tokens_in_encoder=False,  # paper ablation (Table 1c); ~3.3x FLOPs
+      dtype="float32",              # compute dtype (bfloat16 on accelerators)
+      **model_lib.SIZES[size]))
+
+  # Data: the bundled photos need no download (ImageNet pipelines: see README).
+  config.data = ml_collections.ConfigDict(dict(
+      dataset="bundled_photos",
+      num_train_examples=IMAGENET_TRAIN_EXAMPLES,  # defines an epoch for the schedule
+      random_crop=True,         # False = fixed centre crop (augmentation ablation)
+      crop_scale=(0.2, 1.0),    # RandomResizedCrop area fraction
+      crop_ratio=(3 / 4, 4 / 3),
+      hflip=True,
+  ))
+
+  # Optimisation (paper recipe): AdamW, lr = base_lr * batch / 256, warm-up + cosine.
+  config.batch_size = 4096        # global batch
+  config.epochs = 800
+  config.warmup_epochs = 40
+  config.total_steps = -1         # > 0: train exactly this many steps (overrides epochs)
+  config.warmup_steps = -1        # > 0: overrides warmup_epochs
+  config.base_lr = 1.5e-4
+  config.min_lr = 0.0
+  config.weight_decay = 0.05
+  config.b1 = 0.9
+  config.b2 = 0.95
+  config.seed = 0
+
+  # Logging and outputs.
+  config.log_every = 50           # steps between log lines / TensorBoard scalars
+  config.num_preview_images = 6   # images in the reconstruction PNG at the end
+  return apply_args(config, arg)
+
+
+def _parse_value(text):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_args(config, arg):
+  """Apply 'key=value,key2=value2' (model fields may omit the `model.` prefix)."""
+  if not arg:
+    return config
+  for item in arg.split(","):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not of the form key=value (in {arg!r})")
+    key, text = (s.strip() for s in item.split("=", 1))
+    if "." not in key and key not in config and key in config.model:
+      key = "model." + key
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        raise KeyError(f"config argument {key!r}: no field {part!r}")
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"config argument {key!r}: no field {leaf!r}; fields here: {sorted(node)}")
+    value = _parse_value(text)
+    if isinstance(node[leaf], float) and isinstance(value, int):
+      value = float(value)
+    node[leaf] = value
+  return config

@@ -1,0 +1,7 @@
+"""MAE pre-training of ViT-B/16, paper recipe: batch 4096, 800 epochs, 40 warm-up, mask 0.75."""
+
+from configs import base
+
+
+def get_config(arg=None):
+  return base.sized_config("vit_b", arg)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny model configs and an official-formula numpy reference."""
+
+import numpy as np
+import pytest
+
+from configs import tiny
+
+
+def official_sincos_table(dim, rows, cols):
+  """Numpy re-derivation of the official 2-D sin-cos table (cls row included).
+
+  Written from the formula: the first half of each token's vector encodes its
+  column (w), the second half its row (h); each half is [sin | cos] with
+  omega_k = 1 / 10000^(k / (dim/4)).
+  """
+  quarter = dim // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
+  out = np.zeros((1 + rows * cols, dim))
+  for r in range(rows):
+    for c in range(cols):
+      t = 1 + r * cols + c
+      out[t] = np.concatenate([np.sin(c * omega), np.cos(c * omega),
+                               np.sin(r * omega), np.cos(r * omega)])
+  return out
+
+
+@pytest.fixture
+def tiny_config():
+  """The tiny config, shrunk further for unit tests."""
+  config = tiny.get_config()
+  config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+  return config

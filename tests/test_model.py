@@ -1,0 +1,155 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import official_sincos_table
+from mae_jax import model as model_lib
+from mae_jax import patches
+
+# SPEC.md section 1: trainable params in millions (encoder / total), fixed pos-embeds excluded.
+SPEC_PARAMS = {"vit_b": (85.7, 111.7), "vit_l": (303.1, 329.2), "vit_h": (630.4, 656.6)}
+
+
+def _formula_params(d, depth, p, d_dec=512, dec_depth=8, c=3):
+  """Closed-form count: per block qkv 3D^2+3D, proj D^2+D, fc1 4D^2+4D, fc2 4D^2+D, 2 LNs 4D."""
+  block = lambda w: 12 * w * w + 13 * w
+  encoder = (p * p * c * d + d) + d + depth * block(d) + 2 * d  # patch embed, cls, blocks, norm
+  decoder = ((d * d_dec + d_dec) + d_dec + dec_depth * block(d_dec) + 2 * d_dec
+             + (d_dec * p * p * c + p * p * c))  # embed, mask token, blocks, norm, pred
+  return encoder, encoder + decoder
+
+
+def _is_decoder(path):
+  return str(path[0]).startswith("decoder") or path[0] == "mask_token"
+
+
+@pytest.mark.parametrize("size", ["vit_b", "vit_l", "vit_h"])
+def test_param_counts_match_spec(size):
+  cfg = dict(model_lib.SIZES[size], img_size=224)
+  abstract = model_lib.abstract_model(cfg)  # shapes only, no memory
+  params = nnx.state(abstract, nnx.Param)
+  total = model_lib.count_params(abstract)
+  encoder = sum(v.size for path, v in nnx.to_flat_state(params) if not _is_decoder(path))
+  s = model_lib.SIZES[size]
+  assert (encoder, total) == _formula_params(s["embed_dim"], s["depth"], s["patch_size"])
+  spec_enc, spec_total = SPEC_PARAMS[size]
+  # SPEC rounds to 0.1M (85.647M is listed as 85.7M): allow rounding of a rounded figure.
+  assert abs(encoder / 1e6 - spec_enc) < 0.06 and abs(total / 1e6 - spec_total) < 0.06
+
+
+def test_pos_embeds_are_fixed_not_params(tiny_config):
+  m = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(0))
+  param_paths = {path for path, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  assert ("pos_embed",) not in param_paths and ("decoder_pos_embed",) not in param_paths
+  assert isinstance(m.pos_embed, model_lib.FixedEmbed)
+  grid = m.config.grid
+  np.testing.assert_allclose(np.asarray(m.pos_embed[...][0]), official_sincos_table(32, *grid),
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(m.decoder_pos_embed[...][0]),
+                             official_sincos_table(32, *grid), atol=1e-6)
+  # gradients flow to every Param and nowhere else
+  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+  def loss(p):
+    return nnx.merge(graphdef, p, rest)(x, key=jax.random.key(1))[0]
+  grads = jax.jit(jax.grad(loss))(params)
+  assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_official_initialisation():
+  d, p = 768, 16
+  m = model_lib.MAE(dict(model_lib.SIZES["vit_b"], depth=1, decoder_depth=1), rngs=nnx.Rngs(0))
+  qkv = np.asarray(m.blocks[0].attn.qkv.kernel[...])
+  assert qkv.shape == (d, 3 * d)
+  bound = np.sqrt(6 / (d + 3 * d))  # one fused xavier matrix, not three (D, D) ones
+  assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.99 * bound
+  np.testing.assert_allclose(qkv.std(), bound / np.sqrt(3), rtol=0.01)
+  patch = np.asarray(m.patch_embed.kernel[...])
+  assert patch.shape == (p, p, 3, d)
+  bound = np.sqrt(6 / (p * p * 3 + d))  # xavier on the flattened (p*p*C, D) kernel
+  assert np.abs(patch).max() <= bound and np.abs(patch).max() > 0.99 * bound
+  fc1 = np.asarray(m.blocks[0].mlp.fc1.kernel[...])
+  np.testing.assert_allclose(fc1.std(), np.sqrt(6 / (d + 4 * d)) / np.sqrt(3), rtol=0.01)
+  np.testing.assert_allclose(np.asarray(m.cls_token[...]).std(), 0.02, rtol=0.1)
+  np.testing.assert_allclose(np.asarray(m.mask_token[...]).std(), 0.02, rtol=0.1)
+  assert not np.asarray(m.blocks[0].attn.qkv.bias[...]).any()
+  np.testing.assert_array_equal(np.asarray(m.norm.scale[...]), 1.0)
+  assert not np.asarray(m.norm.bias[...]).any()
+  assert m.norm.epsilon == 1e-6 and m.blocks[0].norm1.epsilon == 1e-6
+
+
+def test_forward_shapes_noise_and_key(tiny_config):
+  mc = tiny_config.model
+  m = model_lib.MAE(mc, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(1), (3, 16))
+  loss, pred, mask = m(x, noise=noise)
+  assert pred.shape == (3, 16, 8 * 8 * 3) and mask.shape == (3, 16)
+  np.testing.assert_array_equal(np.asarray(mask).sum(1), 12)
+  np.testing.assert_array_equal(np.asarray(mask),
+                                np.asarray(patches.masking_from_noise(noise, 4).mask))
+  loss2, pred2, _ = m(x, noise=noise)
+  assert float(loss) == float(loss2) and np.array_equal(pred, pred2)
+  # key= is deterministic; the model's own rngs advance between calls
+  _, _, mk1 = m(x, key=jax.random.key(5))
+  _, _, mk2 = m(x, key=jax.random.key(5))
+  np.testing.assert_array_equal(mk1, mk2)
+  _, _, ma = m(x)
+  _, _, mb = m(x)
+  assert not np.array_equal(ma, mb)
+
+
+def test_encoder_sees_only_visible_tokens(tiny_config):
+  m = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  masking = patches.masking_from_noise(jax.random.uniform(jax.random.key(1), (2, 16)), 4)
+  assert m.encode_masked(x, masking).shape == (2, 1 + 4, 32)
+  # changing a removed patch's pixels does not change the encoder output
+  removed = int(np.flatnonzero(np.asarray(masking.mask[0]))[0])
+  r, c = divmod(removed, 4)
+  y = x.at[0, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].add(5.0)
+  np.testing.assert_allclose(m.encode_masked(y, masking), m.encode_masked(x, masking), atol=1e-6)
+
+
+def test_mask_tokens_in_encoder_ablation(tiny_config):
+  mc = dict(tiny_config.model.to_dict(), mask_tokens_in_encoder=True)
+  m = model_lib.MAE(mc, rngs=nnx.Rngs(0))
+  base = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(0))
+  assert model_lib.count_params(m) == model_lib.count_params(base) + 32
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  masking = patches.masking_from_noise(jax.random.uniform(jax.random.key(1), (2, 16)), 4)
+  assert m.encode_masked(x, masking).shape == (2, 17, 32)  # all tokens enter the encoder
+  loss, pred, mask = m(x, key=jax.random.key(2))
+  assert pred.shape == (2, 16, 192) and np.isfinite(float(loss))
+
+
+def test_bfloat16_compute_runs(tiny_config):
+  mc = dict(tiny_config.model.to_dict(), dtype="bfloat16")
+  m = model_lib.MAE(mc, rngs=nnx.Rngs(0))
+  loss, pred, _ = m(jnp.ones((2, 32, 32, 3)), key=jax.random.key(0))
+  assert pred.dtype == jnp.float32 and np.isfinite(float(loss))
+  assert m.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32  # params stay float32
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 1\), got 0.0"),
+    (dict(mask_ratio=1.2), r"mask_ratio must be in \(0, 1\), got 1.2"),
+    (dict(img_size=36), r"img_size=36 is not divisible by model.patch_size=8"),
+    (dict(num_heads=5), r"embed_dim=32 is not divisible by config.model.num_heads=5"),
+    (dict(mask_sampler="spiral"), r"mask_sampler='spiral'"),
+    (dict(patch_sizes=8), r"unknown config.model field\(s\) \['patch_sizes'\]"),
+])
+def test_bad_config_clear_error(tiny_config, override, message):
+  with pytest.raises(ValueError, match=message):
+    model_lib.MAE(dict(tiny_config.model.to_dict(), **override), rngs=nnx.Rngs(0))
+
+
+def test_wrong_image_size_clear_error_before_compile(tiny_config):
+  m = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"images have shape \(2, 48, 48, 3\).*\(batch, 32, 32, 3\)"):
+    jax.jit(lambda x: m(x, key=jax.random.key(0)))(jnp.ones((2, 48, 48, 3)))
+  with pytest.raises(ValueError, match=r"noise has shape \(2, 9\)"):
+    m(jnp.ones((2, 32, 32, 3)), noise=jnp.ones((2, 9)))
