@@ -148,6 +148,19 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
+class PatchEmbed(nnx.Module):
+  """A p x p stride-p convolution: (B, H, W, C) -> (B, L, D), patches in row-major order."""
+
+  def __init__(self, in_chans, dim, patch_size, dtype, *, rngs):
+    p = patch_size
+    self.proj = nnx.Conv(in_chans, dim, (p, p), strides=(p, p), padding="VALID",
+                         kernel_init=_patch_init, bias_init=_zeros, dtype=dtype, rngs=rngs)
+
+  def __call__(self, images):
+    x = self.proj(images)  # (B, H/p, W/p, D)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 def _gather_tokens(x, ids):
   """x (B, L, D), ids (B, K) -> (B, K, D)."""
   return jnp.take_along_axis(x, ids[:, :, None], axis=1)
@@ -165,9 +178,7 @@ class MAE(nnx.Module):
     mc = self.config = model_config(config)
     dtype = jnp.dtype(mc.dtype)
     d, d_dec, p = mc.embed_dim, mc.decoder_embed_dim, mc.patch_size
-    self.patch_embed = nnx.Conv(mc.in_chans, d, (p, p), strides=(p, p), padding="VALID",
-                                kernel_init=_patch_init, bias_init=_zeros, dtype=dtype,
-                                rngs=rngs)
+    self.patch_embed = PatchEmbed(mc.in_chans, d, p, dtype, rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, d)))
     self.pos_embed = FixedEmbed(jnp.asarray(patches.sincos_2d(d, mc.grid))[None])
     if mc.mask_tokens_in_encoder:
@@ -204,7 +215,6 @@ class MAE(nnx.Module):
   def embed(self, images):
     """Patch embedding + position rows 1..L: (B, H, W, C) -> (B, L, D)."""
     x = self.patch_embed(images)
-    x = x.reshape(x.shape[0], -1, x.shape[-1])
     return x + self.pos_embed[...][:, 1:, :].astype(x.dtype)
 
   def encoder(self, x):

@@ -67,7 +67,7 @@ def test_official_initialisation():
   bound = np.sqrt(6 / (d + 3 * d))  # one fused xavier matrix, not three (D, D) ones
   assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.99 * bound
   np.testing.assert_allclose(qkv.std(), bound / np.sqrt(3), rtol=0.01)
-  patch = np.asarray(m.patch_embed.kernel[...])
+  patch = np.asarray(m.patch_embed.proj.kernel[...])
   assert patch.shape == (p, p, 3, d)
   bound = np.sqrt(6 / (p * p * 3 + d))  # xavier on the flattened (p*p*C, D) kernel
   assert np.abs(patch).max() <= bound and np.abs(patch).max() > 0.99 * bound

@@ -1,0 +1,90 @@
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_jax import checkpointing, summaries, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _short(config, steps=40):
+  config.total_steps, config.warmup_steps, config.log_every = steps, 5, 10
+  config.num_preview_images = 3
+  return config
+
+
+def test_loop_learns_checkpoints_and_writes_outputs(tmp_path, tiny_config):
+  config = _short(tiny_config)
+  state, history = train.train_and_evaluate(config, str(tmp_path))
+  steps, losses = zip(*history)
+  assert steps == (10, 20, 30, 40)
+  assert losses[-1] < 0.85 * losses[0], losses
+  assert int(state.step) == 40
+
+  # checkpoint: complete, restorable, equal to the final state; config stored beside it
+  assert checkpointing.latest_step(str(tmp_path)) == 40
+  restored = checkpointing.restore_state(
+      str(tmp_path), {"step": state.step, "params": state.params, "opt_state": state.opt_state})
+  for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  saved_config, step = checkpointing.restore_config(str(tmp_path))
+  assert step == 40 and saved_config.model.embed_dim == 32
+
+  picture = np.asarray(Image.open(tmp_path / "reconstructions.png"))
+  scale = 224 // 32
+  assert picture.shape == ((3 * 34 + 2) * scale, (4 * 34 + 2) * scale, 3)
+
+  (event_file,) = os.listdir(tmp_path / "tensorboard")
+  events = summaries.read_events(str(tmp_path / "tensorboard" / event_file))
+  logged = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value}
+  np.testing.assert_allclose([logged[(s, "loss")] for s in steps], losses, rtol=1e-6)
+  assert {(40, "lr"), (40, "img_per_s"), (40, "grad_norm")} <= set(logged)
+  assert any(v.tag == "reconstructions" and v.image.height > 0
+             for e in events for v in e.summary.value)
+
+
+def test_same_seed_same_run(tmp_path, tiny_config):
+  a = train.train_and_evaluate(_short(tiny_config, 10), str(tmp_path / "a"))[1]
+  b = train.train_and_evaluate(_short(tiny_config, 10), str(tmp_path / "b"))[1]
+  assert a == b
+
+
+def test_unwritable_workdir_fails_at_start(tmp_path, tiny_config):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(PermissionError, match="is not writable"):
+    train.train_and_evaluate(_short(tiny_config), str(blocker / "workdir"))
+
+
+def _cli(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "mae_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.mask_ratio=1.5", r"mask_ratio must be in \(0, 1\), got 1.5"),
+    ("--config.model.img_size=60", r"img_size=60 is not divisible by model.patch_size=8"),
+    ("--config.warmup_steps=500", r"warm-up \(500 steps\) is longer than training \(200 steps\)"),
+])
+def test_cli_bad_input_fails_before_compile(tmp_path, override, message):
+  result = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
+  assert result.returncode != 0
+  assert re.search(message, result.stderr), result.stderr[-2000:]
+  assert "compiled" not in result.stdout
+
+
+def test_tiny_demo_cli_200_steps(tmp_path):
+  """The README's demo command: 200 real steps on the bundled photos."""
+  result = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  losses = [float(x) for x in re.findall(r"step \d+/200  loss ([0-9.]+)", result.stdout)]
+  assert len(losses) == 10
+  assert losses[-1] < 0.7 * losses[0], losses
+  assert (tmp_path / "checkpoints" / "200").is_dir()
+  assert (tmp_path / "reconstructions.png").is_file()
