@@ -88,7 +88,7 @@ def test_pth_file_with_bfloat16_tensors(tmp_path, model, tiny_config):
   torch = pytest.importorskip("torch")
   sd = convert.official_state_dict(model)
   path = tmp_path / "bf16.pth"
-  torch.save({"model": {k: torch.from_numpy(v).bfloat16() for k, v in sd.items()}}, path)
+  torch.save({"model": {k: torch.from_numpy(np.array(v)).bfloat16() for k, v in sd.items()}}, path)
   loaded = convert.load_pytorch(str(path), tiny_config.model)
   got = convert.official_state_dict(loaded)["blocks.0.attn.qkv.weight"]
   np.testing.assert_allclose(got, sd["blocks.0.attn.qkv.weight"], rtol=1e-2, atol=1e-2)
