@@ -1,4 +1,9 @@
-"""Orbax checkpoints of the train state, with the config stored beside each step."""
+"""Orbax checkpoints: params, optimizer state, metadata and the config, one directory per step.
+
+Layout of `<workdir>/checkpoints/<step>/`: `params/` and `opt_state/` (Orbax
+pytrees), `meta/` (JSON: step, data iterator position) and `config/` (JSON: the
+full training config, so `mae_jax.load` needs no config files).
+"""
 
 import os
 
@@ -9,44 +14,33 @@ import orbax.checkpoint as ocp
 CHECKPOINT_DIR = "checkpoints"
 
 
+def checkpoint_root(workdir):
+  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+
+
 def manager(workdir, max_to_keep=3):
   """A CheckpointManager over `workdir`/checkpoints."""
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      checkpoint_root(workdir),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
-def save(workdir, step, state, config):
-  """Save `state` (a pytree) and `config` at `step`; blocks until the commit is complete."""
+def save(workdir, step, params, opt_state, meta, config):
+  """Save one step and block until its commit is complete; returns the step directory."""
   mgr = manager(workdir)
   mgr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(dict(meta, step=int(step))),
       config=ocp.args.JsonSave(config.to_dict())), force=True)
   mgr.wait_until_finished()
   mgr.close()
-  return os.path.join(mgr.directory, str(step))
+  return os.path.join(checkpoint_root(workdir), str(step))
 
 
 def latest_step(workdir):
   """The newest complete step in `workdir`, or None."""
   return manager(workdir).latest_step()
-
-
-def restore_config(workdir, step=None):
-  """The config saved with a checkpoint (no config files needed)."""
-  mgr = manager(workdir)
-  step = _existing_step(mgr, workdir, step)
-  data = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  return ml_collections.ConfigDict(data), step
-
-
-def restore_state(workdir, abstract_state, step=None):
-  """Restore the state saved at `step` (latest if None) into the shapes of `abstract_state`."""
-  mgr = manager(workdir)
-  step = _existing_step(mgr, workdir, step)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
-      "state"]
 
 
 def _existing_step(mgr, workdir, step):
@@ -58,3 +52,19 @@ def _existing_step(mgr, workdir, step):
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {mgr.directory}; have {steps}")
   return step
+
+
+def restore(workdir, step=None, **abstract_items):
+  """Restore the JSON items and the pytree items named in `abstract_items` (shapes to fill).
+
+  Returns (dict with 'config' (a ConfigDict), 'meta' and each requested item, step).
+  """
+  mgr = manager(workdir)
+  step = _existing_step(mgr, workdir, step)
+  args = {"config": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+  for name, abstract in abstract_items.items():
+    args[name] = ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract))
+  out = dict(mgr.restore(step, args=ocp.args.Composite(**args)))
+  out["config"] = ml_collections.ConfigDict(out["config"])
+  return out, step

@@ -11,10 +11,8 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from mae_jax.imaging import center_crop, load_image, normalize, resize
 
 # Real photographs (and micrographs) shipped inside scikit-image; synthetic
 # images (chessboard, logo, phantom, ...), tiny ones and near-duplicates are left out.
@@ -40,8 +38,7 @@ def bundled_photos():
     path = os.path.join(root, name)
     if not os.path.exists(path):
       raise FileNotFoundError(f"bundled photo {path} is missing from the scikit-image install")
-    with Image.open(path) as img:
-      photos.append(np.asarray(img.convert("RGB")))
+    photos.append(load_image(path))
   return tuple(photos)
 
 
@@ -67,33 +64,6 @@ def random_resized_crop_box(rng, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 
   else:
     h, w = height, width
   return (height - h) // 2, (width - w) // 2, h, w
-
-
-def resize(image, size, box=None):
-  """Crop `box` = (top, left, h, w) of a uint8 image and resize it bicubically to (size, size)."""
-  img = Image.fromarray(image)
-  if box is not None:
-    top, left, h, w = box
-    img = img.crop((left, top, left + w, top + h))
-  return np.asarray(img.resize((size, size), Image.BICUBIC))
-
-
-def center_crop(image, size):
-  """Largest centred square, resized to (size, size): for pictures and evaluation."""
-  height, width = image.shape[:2]
-  side = min(height, width)
-  return resize(image, size, ((height - side) // 2, (width - side) // 2, side, side))
-
-
-def normalize(images):
-  """uint8 (..., 3) -> float32 with ImageNet mean/std."""
-  return ((images.astype(np.float32) / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def denormalize(images):
-  """Inverse of `normalize`, clipped to uint8."""
-  pixels = (np.asarray(images, np.float32) * IMAGENET_STD + IMAGENET_MEAN) * 255.0
-  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
 class PhotoBatches:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import checkpointing, input_pipeline, optim, patches, summaries, visualize
+from mae_jax import checkpointing, imaging, input_pipeline, optim, patches, summaries, visualize
 from mae_jax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,13 @@ def train_step(graphdef, tx, schedule, model_config, state, static, batch):
   noise = patches.example_noise(model_config.mask_sampler, step_key, batch["index"],
                                 model_config.grid, model_config.mask_ratio)
 
+  images = batch["images"]
+  if images.dtype == jnp.uint8:  # pipelines may ship uint8 and normalise here, on device
+    images = imaging.normalize(images)
+
   def loss_fn(params):
     model = nnx.merge(graphdef, params, static.rest)
-    loss, _, _ = model(batch["images"], noise=noise)
+    loss, _, _ = model(images, noise=noise)
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -145,9 +149,8 @@ def train_and_evaluate(config, workdir):
       history.append((done, averaged["loss"]))
       pending, tick, tick_step = [], now, done
 
-  path = checkpointing.save(workdir, total_steps,
-                            {"step": state.step, "params": state.params,
-                             "opt_state": state.opt_state}, config)
+  path = checkpointing.save(workdir, total_steps, state.params, state.opt_state,
+                            {"data": batches.state()}, config)
   log.info("saved checkpoint %s", path)
   model = nnx.merge(graphdef, state.params, static.rest)
   picture = visualize.reconstruction_grid(

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mae_jax import input_pipeline, losses, patches
+from mae_jax import imaging, losses, patches
 
 MASKED_GRAY = 0.35  # brightness (0..1) shown in place of removed patches
 
@@ -24,7 +24,7 @@ def reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss):
     std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + losses.NORM_PIX_EPS)
     pred = pred * std + mean
   removed = jnp.asarray(mask)[:, :, None] > 0
-  gray = ((MASKED_GRAY - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD)
+  gray = ((MASKED_GRAY - imaging.IMAGENET_MEAN) / imaging.IMAGENET_STD)
   gray_patches = jnp.tile(jnp.asarray(gray), patch_size * patch_size)
   to_image = lambda x: patches.unpatchify(x, patch_size, grid, channels)
   masked = to_image(jnp.where(removed, gray_patches, target))
@@ -35,7 +35,7 @@ def reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss):
 
 def grid_image(panels, gap=2):
   """Panels of normalised (B, H, W, 3) -> one uint8 picture, a row per image."""
-  columns = [input_pipeline.denormalize(p) for p in panels]
+  columns = [imaging.denormalize(p) for p in panels]
   batch, height, width, _ = columns[0].shape
   canvas = np.full((batch * (height + gap) + gap, len(columns) * (width + gap) + gap, 3), 255,
                    np.uint8)

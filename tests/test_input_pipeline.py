@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from mae_jax import imaging
 from mae_jax import input_pipeline as ip
 
 
@@ -56,13 +57,13 @@ def test_flip_rate_and_normalisation():
     rng = np.random.default_rng([1, total])
     photo = ip.bundled_photos()[total % 5]
     view = batches.augment(rng, photo)
-    flips += int(not np.array_equal(view, ip.center_crop(photo, 32)))
+    flips += int(not np.array_equal(view, imaging.center_crop(photo, 32)))
     total += 1
   assert 15 <= flips <= 35  # ~50% over 50 draws (binomial, p(outside) < 0.5%)
   images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
   want = (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-  np.testing.assert_allclose(ip.normalize(images), want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(ip.denormalize(ip.normalize(images)), images)
+  np.testing.assert_allclose(imaging.normalize(images), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(imaging.denormalize(imaging.normalize(images)), images)
 
 
 def test_batches_deterministic_and_resumable():

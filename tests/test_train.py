@@ -29,12 +29,13 @@ def test_loop_learns_checkpoints_and_writes_outputs(tmp_path, tiny_config):
 
   # checkpoint: complete, restorable, equal to the final state; config stored beside it
   assert checkpointing.latest_step(str(tmp_path)) == 40
-  restored = checkpointing.restore_state(
-      str(tmp_path), {"step": state.step, "params": state.params, "opt_state": state.opt_state})
-  for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(state.params)):
+  restored, step = checkpointing.restore(str(tmp_path), params=state.params,
+                                         opt_state=state.opt_state)
+  for a, b in zip(jax.tree.leaves((restored["params"], restored["opt_state"])),
+                  jax.tree.leaves((state.params, state.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  saved_config, step = checkpointing.restore_config(str(tmp_path))
-  assert step == 40 and saved_config.model.embed_dim == 32
+  assert step == 40 and restored["config"].model.embed_dim == 32
+  assert restored["meta"] == {"step": 40, "data": {"step": 40}}
 
   picture = np.asarray(Image.open(tmp_path / "reconstructions.png"))
   scale = 224 // 32

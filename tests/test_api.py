@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import mae_jax
+from mae_jax import api, input_pipeline, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, request):
+  from configs import tiny
+  config = tiny.get_config()
+  config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+  config.total_steps, config.warmup_steps, config.log_every, config.num_preview_images = 6, 2, 3, 2
+  workdir = tmp_path_factory.mktemp("trained")
+  state, _ = train.train_and_evaluate(config, str(workdir))
+  return workdir, config, state
+
+
+def _reference_model(config, state):
+  tx, _ = train.make_optimizer(config, 6, 2)
+  graphdef, static, _ = train.create_train_state(config, tx)
+  return nnx.merge(graphdef, state.params, static.rest)
+
+
+def test_load_reproduces_training_loss(trained):
+  workdir, config, state = trained
+  images = input_pipeline.preview_images(3, 32)
+  noise = np.random.default_rng(0).random((3, 16)).astype(np.float32)
+  want = float(_reference_model(config, state)(images, noise=noise)[0])
+  for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "6"):
+    loaded = mae_jax.load(path)
+    assert loaded.step == 6
+    assert float(loaded.loss(images, noise=noise)) == pytest.approx(want, rel=1e-6)
+
+
+def test_load_in_fresh_process(trained):
+  workdir, config, state = trained
+  images = input_pipeline.preview_images(2, 32)
+  noise = np.random.default_rng(1).random((2, 16)).astype(np.float32)
+  want = float(_reference_model(config, state)(images, noise=noise)[0])
+  np.save(workdir / "x.npy", images)
+  np.save(workdir / "n.npy", noise)
+  code = (f"import numpy as np, mae_jax; m = mae_jax.load({str(workdir)!r}); "
+          f"print(repr(float(m.loss(np.load({str(workdir / 'x.npy')!r}), "
+          f"noise=np.load({str(workdir / 'n.npy')!r})))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(want, rel=1e-6)
+
+
+def test_encode_and_reconstruct(trained):
+  workdir, _, _ = trained
+  loaded = mae_jax.load(workdir)
+  images = input_pipeline.preview_images(2, 32)
+  features = loaded.encode(images)
+  assert features.shape == (2, 17, 32)
+  np.testing.assert_allclose(loaded.encode(images), features)
+  recon, mask = loaded.reconstruct(images, key=jax.random.key(0), mask_ratio=0.5)
+  assert recon.shape == images.shape and int(mask.sum()) == 2 * 8
+  with pytest.raises(ValueError, match="images have shape"):
+    loaded.encode(np.zeros((1, 16, 16, 3), np.float32))
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+    mae_jax.load(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="neither a workdir"):
+    api.load(tmp_path)
