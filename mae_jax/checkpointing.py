@@ -26,13 +26,18 @@ def manager(workdir, max_to_keep=3):
 
 
 def save(workdir, step, params, opt_state, meta, config):
-  """Save one step and block until its commit is complete; returns the step directory."""
+  """Save one step and block until its commit is complete; returns the step directory.
+
+  `opt_state` may be None (e.g. weights converted from PyTorch): then only the
+  params can be restored, which is all `mae_jax.load` needs.
+  """
   mgr = manager(workdir)
-  mgr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(dict(meta, step=int(step))),
-      config=ocp.args.JsonSave(config.to_dict())), force=True)
+  items = dict(params=ocp.args.StandardSave(params),
+               meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+               config=ocp.args.JsonSave(config.to_dict()))
+  if opt_state is not None:
+    items["opt_state"] = ocp.args.StandardSave(opt_state)
+  mgr.save(step, args=ocp.args.Composite(**items), force=True)
   mgr.wait_until_finished()
   mgr.close()
   return os.path.join(checkpoint_root(workdir), str(step))
