@@ -11,6 +11,7 @@ import ast
 import ml_collections
 
 from mae_jax import model as model_lib
+from mae_jax import sharding
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
@@ -58,8 +59,23 @@ def sized_config(size, arg=None):
   config.b2 = 0.95
   config.seed = 0
 
+  # Devices: a (data, fsdp, tensor) mesh; -1 = all remaining devices. The batch is
+  # split over data x fsdp; `rules` map the parameters' logical axes to mesh axes.
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
+
+  # Checkpoints in <workdir>/checkpoints: async, atomic; a run auto-resumes from the latest.
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000,   # save every N steps (and always at the end / on preemption)
+      keep=3,             # keep the last K checkpoints ...
+      keep_period=-1,     # ... plus every step divisible by M (milestones); -1 = none
+      async_save=True,    # write in the background while training continues
+  ))
+  config.stop_after_steps = -1    # > 0: checkpoint and exit after N steps of this job
+
   # Logging and outputs.
   config.log_every = 50           # steps between log lines / TensorBoard scalars
+  config.image_every = 5000       # steps between reconstruction pictures in TensorBoard
   config.num_preview_images = 6   # images in the reconstruction PNG at the end
   return apply_args(config, arg)
 

@@ -16,4 +16,6 @@ def get_config(arg=None):
   config.warmup_steps = 20
   config.base_lr = 8e-3  # lr = 8e-3 * 32 / 256 = 1e-3
   config.log_every = 20
+  config.image_every = 100
+  config.checkpoint.every_steps = 100
   return base.apply_args(config, arg)

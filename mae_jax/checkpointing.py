@@ -1,11 +1,17 @@
-"""Orbax checkpoints: params, optimizer state, metadata and the config, one directory per step.
+"""Orbax checkpoints: async saves, keep-last-K + milestones, auto-resume, preemption.
 
 Layout of `<workdir>/checkpoints/<step>/`: `params/` and `opt_state/` (Orbax
-pytrees), `meta/` (JSON: step, data iterator position) and `config/` (JSON: the
-full training config, so `mae_jax.load` needs no config files).
+pytrees), `meta/` (JSON: step, data iterator position, seed) and `config/`
+(JSON: the full training config, so `mae_jax.load` needs no config files).
+Orbax writes each step into a temporary directory and renames it when complete,
+so a save cut short (kill -9, preemption) is never mistaken for a checkpoint.
+Paths may be local or `gs://...` (tensorstore).
 """
 
+import logging
 import os
+import signal
+import threading
 
 import jax
 import ml_collections
@@ -13,16 +19,37 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
 
+log = logging.getLogger(__name__)
+
 
 def checkpoint_root(workdir):
-  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+  workdir = os.fspath(workdir)
+  if "://" in workdir:
+    return workdir.rstrip("/") + "/" + CHECKPOINT_DIR
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def manager(workdir, max_to_keep=3):
-  """A CheckpointManager over `workdir`/checkpoints."""
+def manager(workdir, *, max_to_keep=3, keep_period=None, async_save=False, create=True,
+            writer=False):
+  """A CheckpointManager over `workdir`/checkpoints.
+
+  Only the training run (`writer=True`) deletes leftovers of interrupted saves;
+  readers must never touch a save another process has in flight.
+  """
   return ocp.CheckpointManager(
       checkpoint_root(workdir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, keep_period=keep_period, create=create,
+          enable_async_checkpointing=async_save, cleanup_tmp_directories=writer))
+
+
+def _save_args(params, opt_state, meta, config):
+  items = dict(params=ocp.args.StandardSave(params),
+               meta=ocp.args.JsonSave(meta),
+               config=ocp.args.JsonSave(config.to_dict()))
+  if opt_state is not None:
+    items["opt_state"] = ocp.args.StandardSave(opt_state)
+  return ocp.args.Composite(**items)
 
 
 def save(workdir, step, params, opt_state, meta, config):
@@ -32,12 +59,8 @@ def save(workdir, step, params, opt_state, meta, config):
   params can be restored, which is all `mae_jax.load` needs.
   """
   mgr = manager(workdir)
-  items = dict(params=ocp.args.StandardSave(params),
-               meta=ocp.args.JsonSave(dict(meta, step=int(step))),
-               config=ocp.args.JsonSave(config.to_dict()))
-  if opt_state is not None:
-    items["opt_state"] = ocp.args.StandardSave(opt_state)
-  mgr.save(step, args=ocp.args.Composite(**items), force=True)
+  mgr.save(step, args=_save_args(params, opt_state, dict(meta, step=int(step)), config),
+           force=True)
   mgr.wait_until_finished()
   mgr.close()
   return os.path.join(checkpoint_root(workdir), str(step))
@@ -45,7 +68,7 @@ def save(workdir, step, params, opt_state, meta, config):
 
 def latest_step(workdir):
   """The newest complete step in `workdir`, or None."""
-  return manager(workdir).latest_step()
+  return manager(workdir, create=False).latest_step()
 
 
 def _existing_step(mgr, workdir, step):
@@ -59,17 +82,120 @@ def _existing_step(mgr, workdir, step):
   return step
 
 
-def restore(workdir, step=None, **abstract_items):
-  """Restore the JSON items and the pytree items named in `abstract_items` (shapes to fill).
+def _shape_tree(tree):
+  """{'a/b/c': shape} for every array-like leaf."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out = {}
+  for path, leaf in flat:
+    key = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                   for k in path)
+    key = key.replace("/value", "")  # nnx Variable nodes add a `value` level
+    if hasattr(leaf, "shape"):
+      out[key] = tuple(leaf.shape)
+  return out
 
+
+def check_compatible(mgr, step, name, abstract):
+  """Clear error naming the first parameter whose saved shape differs from the model's."""
+  metadata = ocp.StandardCheckpointer().metadata(mgr.directory / str(step) / name)
+  saved = _shape_tree(getattr(metadata, "item_metadata", metadata))
+  wanted = _shape_tree(abstract)
+  for key in sorted(set(saved) | set(wanted)):
+    if saved.get(key) != wanted.get(key):
+      raise ValueError(
+          f"checkpoint {mgr.directory}/{step} does not match this model: {name} {key!r} has "
+          f"shape {saved.get(key, 'missing')} in the checkpoint but {wanted.get(key, 'missing')} "
+          "in the model (another model size or config?)")
+
+
+def restore(workdir, step=None, **abstract_items):
+  """Restore the JSON items and the pytree items named in `abstract_items`.
+
+  Each abstract item is a tree of arrays or ShapeDtypeStructs; those carrying a
+  `sharding` are restored straight onto it (any mesh, any device count).
   Returns (dict with 'config' (a ConfigDict), 'meta' and each requested item, step).
   """
-  mgr = manager(workdir)
+  mgr = manager(workdir, create=False)
   step = _existing_step(mgr, workdir, step)
   args = {"config": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
   for name, abstract in abstract_items.items():
+    check_compatible(mgr, step, name, abstract)
     args[name] = ocp.args.StandardRestore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract))
   out = dict(mgr.restore(step, args=ocp.args.Composite(**args)))
   out["config"] = ml_collections.ConfigDict(out["config"])
+  mgr.close()
   return out, step
+
+
+class Preemption:
+  """Turns SIGTERM (Cloud TPU maintenance, SLURM, k8s) into a request to stop at a step boundary.
+
+  Multi-process runs also ask Orbax/JAX's preemption sync (`reached_preemption`),
+  which makes every process agree on the same step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: `#SBATCH --signal=USR1@120`
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    log.info("received signal %d: will checkpoint and stop at the next step boundary", signum)
+    self.requested = True
+
+  def restore_handlers(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class Checkpointer:
+  """Periodic async saves of the training state in `workdir`, keeping the last K + milestones."""
+
+  def __init__(self, workdir, config):
+    ck = config.checkpoint
+    self.every = ck.every_steps
+    self.config = config
+    self.mgr = manager(workdir, max_to_keep=ck.keep, async_save=ck.async_save,
+                       keep_period=ck.keep_period if ck.keep_period > 0 else None, writer=True)
+    self.preemption = Preemption()
+
+  @property
+  def directory(self):
+    return str(self.mgr.directory)
+
+  def latest_step(self):
+    return self.mgr.latest_step()
+
+  def should_save(self, step, last_step):
+    return step == last_step or (self.every > 0 and step % self.every == 0)
+
+  def stop_requested(self, step):
+    """True when this run must checkpoint now and exit (signal or multi-host preemption)."""
+    if self.preemption.requested:
+      return True
+    return jax.process_count() > 1 and self.mgr.reached_preemption(step)
+
+  def save(self, step, state, meta):
+    """Start an async save of `state` (TrainState) at `step`; returns at once."""
+    self.mgr.save(step, args=_save_args(state.params, state.opt_state,
+                                        dict(meta, step=int(step)), self.config), force=True)
+
+  def restore(self, step, abstract_state):
+    """(state with the shardings of `abstract_state`, meta) from `step`."""
+    check_compatible(self.mgr, step, "params", abstract_state.params)
+    out = self.mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state.params),
+        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+        meta=ocp.args.JsonRestore()))
+    return out["params"], out["opt_state"], out["meta"]
+
+  def close(self):
+    self.mgr.wait_until_finished()
+    self.mgr.close()
+    self.preemption.restore_handlers()

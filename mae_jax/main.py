@@ -1,10 +1,11 @@
 r"""Command line: `python -m mae_jax.main --config=configs/tiny.py --workdir=/tmp/mae`.
 
-Flags: --config (a config file, optionally `:arg`, plus `--config.<field>=value`
-overrides) and --workdir (checkpoints, TensorBoard events, pictures).
+Flags only and platform set-up; the work is in `mae_jax.train`. A run resumes
+automatically from the latest complete checkpoint in --workdir.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -13,10 +14,42 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/vit_b.py or configs/vit_l.py:decoder_depth=1.",
-    lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard and pictures.")
+    "config", None, "Config file, e.g. configs/vit_b.py or configs/vit_l.py:decoder_depth=1; "
+    "fields can be overridden with --config.<field>=value.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, TensorBoard "
+                    "events and pictures; a run resumes from its latest checkpoint.")
+flags.DEFINE_string("restore", None, "Initialise from this workdir or checkpoint step directory "
+                    "(`.../checkpoints/<step>`) when --workdir has no checkpoint yet.")
+flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize(). Default: only when a "
+                  "multi-process environment is detected (Cloud TPU pod, SLURM with >1 task, "
+                  "JAX_COORDINATOR_ADDRESS set).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host only; "
+                    "auto-detected on Cloud TPU and SLURM).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host only).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def multihost_detected(environ=os.environ):
+  """True in environments that run one process per host."""
+  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    return True
+  return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def setup_logging(is_chief=True):
+  """Our progress lines to stdout (process 0 only); library INFO chatter silenced."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log = logging.getLogger("mae_jax")
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO if is_chief else logging.WARNING)
+  log.propagate = False
+  return log
 
 
 def main(argv):
@@ -24,24 +57,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # after flag parsing, so --help is instant
 
+  multihost = FLAGS.multihost if FLAGS.multihost is not None else multihost_detected()
+  if multihost:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  log = setup_logging(jax.process_index() == 0)
   from mae_jax import train
-  log = logging.getLogger("mae_jax")
-  log.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
-               jax.devices())
+  log.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,
+           jax.process_index(), jax.process_count(), jax.local_device_count(),
+           jax.device_count(), jax.devices()[0].device_kind)
   log.info("config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
-
-def setup_logging():
-  """Our progress lines to stdout; library INFO chatter (Orbax, absl) silenced."""
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  log = logging.getLogger("mae_jax")
-  if not log.handlers:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-  log.setLevel(logging.INFO)
-  log.propagate = False
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_from=FLAGS.restore)
 
 
 def run():

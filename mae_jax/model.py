@@ -101,8 +101,14 @@ class FixedEmbed(nnx.Variable):
   """A fixed (never trained) table, e.g. the sin-cos position embeddings."""
 
 
-def _linear(d_in, d_out, dtype, rngs):
-  return nnx.Linear(d_in, d_out, kernel_init=_xavier, bias_init=_zeros, dtype=dtype, rngs=rngs)
+def _logical(init, *names):
+  """Tag a parameter with logical axis names; sharding.py maps them to mesh axes."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _linear(d_in, d_out, dtype, rngs, names=(None, None)):
+  return nnx.Linear(d_in, d_out, kernel_init=_logical(_xavier, *names),
+                    bias_init=_logical(_zeros, names[1]), dtype=dtype, rngs=rngs)
 
 
 def _layer_norm(dim, rngs):
@@ -112,11 +118,12 @@ def _layer_norm(dim, rngs):
 class Attention(nnx.Module):
   """Multi-head self-attention with one fused qkv projection (q, k, v stacked on the output)."""
 
-  def __init__(self, dim, num_heads, dtype, *, rngs):
+  def __init__(self, dim, num_heads, dtype, prefix="", *, rngs):
     self.num_heads = num_heads
+    embed, heads = prefix + "embed", prefix + "heads"
     # One (D, 3D) xavier matrix, as the official init (not three (D, D) ones).
-    self.qkv = _linear(dim, 3 * dim, dtype, rngs)
-    self.proj = _linear(dim, dim, dtype, rngs)
+    self.qkv = _linear(dim, 3 * dim, dtype, rngs, (embed, heads))
+    self.proj = _linear(dim, dim, dtype, rngs, (heads, embed))
 
   def __call__(self, x):  # (B, N, D)
     qkv = self.qkv(x)
@@ -126,9 +133,9 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  def __init__(self, dim, hidden, dtype, *, rngs):
-    self.fc1 = _linear(dim, hidden, dtype, rngs)
-    self.fc2 = _linear(hidden, dim, dtype, rngs)
+  def __init__(self, dim, hidden, dtype, prefix="", *, rngs):
+    self.fc1 = _linear(dim, hidden, dtype, rngs, (prefix + "embed", prefix + "mlp"))
+    self.fc2 = _linear(hidden, dim, dtype, rngs, (prefix + "mlp", prefix + "embed"))
 
   def __call__(self, x):
     return self.fc2(nnx.gelu(self.fc1(x), approximate=False))
@@ -137,11 +144,11 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm ViT block: x + Attn(LN(x)); x + MLP(LN(x))."""
 
-  def __init__(self, dim, num_heads, mlp_ratio, dtype, *, rngs):
+  def __init__(self, dim, num_heads, mlp_ratio, dtype, prefix="", *, rngs):
     self.norm1 = _layer_norm(dim, rngs)
-    self.attn = Attention(dim, num_heads, dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype, prefix, rngs=rngs)
     self.norm2 = _layer_norm(dim, rngs)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, prefix, rngs=rngs)
 
   def __call__(self, x):
     x = x + self.attn(self.norm1(x))
@@ -154,7 +161,8 @@ class PatchEmbed(nnx.Module):
   def __init__(self, in_chans, dim, patch_size, dtype, *, rngs):
     p = patch_size
     self.proj = nnx.Conv(in_chans, dim, (p, p), strides=(p, p), padding="VALID",
-                         kernel_init=_patch_init, bias_init=_zeros, dtype=dtype, rngs=rngs)
+                         kernel_init=_logical(_patch_init, None, None, None, "embed"),
+                         bias_init=_logical(_zeros, "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, images):
     x = self.proj(images)  # (B, H/p, W/p, D)
@@ -179,22 +187,26 @@ class MAE(nnx.Module):
     dtype = jnp.dtype(mc.dtype)
     d, d_dec, p = mc.embed_dim, mc.decoder_embed_dim, mc.patch_size
     self.patch_embed = PatchEmbed(mc.in_chans, d, p, dtype, rngs=rngs)
-    self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, d)))
+    self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, d)),
+                               out_sharding=(None, None, "embed"), eager_sharding=False)
     self.pos_embed = FixedEmbed(jnp.asarray(patches.sincos_2d(d, mc.grid))[None])
     if mc.mask_tokens_in_encoder:
-      self.encoder_mask_token = nnx.Param(_token_init(rngs.params(), (1, 1, d)))
+      self.encoder_mask_token = nnx.Param(_token_init(rngs.params(), (1, 1, d)),
+                                          out_sharding=(None, None, "embed"),
+                                          eager_sharding=False)
     self.blocks = nnx.List([Block(d, mc.num_heads, mc.mlp_ratio, dtype, rngs=rngs)
                             for _ in range(mc.depth)])
     self.norm = _layer_norm(d, rngs)
 
-    self.decoder_embed = _linear(d, d_dec, dtype, rngs)
-    self.mask_token = nnx.Param(_token_init(rngs.params(), (1, 1, d_dec)))
+    self.decoder_embed = _linear(d, d_dec, dtype, rngs, ("embed", "decoder_embed"))
+    self.mask_token = nnx.Param(_token_init(rngs.params(), (1, 1, d_dec)),
+                                out_sharding=(None, None, "decoder_embed"), eager_sharding=False)
     self.decoder_pos_embed = FixedEmbed(jnp.asarray(patches.sincos_2d(d_dec, mc.grid))[None])
     self.decoder_blocks = nnx.List([
-        Block(d_dec, mc.decoder_num_heads, mc.mlp_ratio, dtype, rngs=rngs)
+        Block(d_dec, mc.decoder_num_heads, mc.mlp_ratio, dtype, "decoder_", rngs=rngs)
         for _ in range(mc.decoder_depth)])
     self.decoder_norm = _layer_norm(d_dec, rngs)
-    self.decoder_pred = _linear(d_dec, p * p * mc.in_chans, dtype, rngs)
+    self.decoder_pred = _linear(d_dec, p * p * mc.in_chans, dtype, rngs, ("decoder_embed", None))
     self.rngs = nnx.Rngs(masking=rngs.params())
 
   def check_images(self, images):

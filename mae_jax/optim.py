@@ -11,9 +11,8 @@ def scaled_lr(base_lr, batch_size):
 
 def warmup_cosine(peak_lr, warmup_steps, total_steps, end_lr=0.0):
   """Linear warm-up from 0 to `peak_lr`, then half-cycle cosine to `end_lr`, per step."""
-  if not 0 <= warmup_steps <= total_steps or total_steps <= 0:
-    raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) "
-                     "and total_steps > 0")
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps})")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
       decay_steps=total_steps, end_value=end_lr)

@@ -1,9 +1,15 @@
-"""Pre-training: state creation, the pure train step and the training loop."""
+"""Pre-training: state creation, the pure train step and the training loop.
+
+The step is one `jax.jit` with explicit in/out shardings over the device mesh and
+a donated state (what used to be pjit). Each process feeds its share of the
+global batch; masks depend only on (seed, step, global example index).
+"""
 
 import functools
 import logging
 import os
 import time
+import types
 
 import flax.struct
 import jax
@@ -12,7 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import checkpointing, imaging, input_pipeline, optim, patches, summaries, visualize
+from mae_jax import checkpointing, imaging, input_pipeline, optim, patches, sharding
+from mae_jax import summaries, visualize
 from mae_jax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -42,8 +49,8 @@ def schedule_steps(config):
     raise ValueError(f"no training steps: total_steps={config.total_steps}, epochs="
                      f"{config.epochs}, {steps_per_epoch} steps per epoch (data.num_train_"
                      f"examples={config.data.num_train_examples}, batch_size={config.batch_size})")
-  if warmup > total:
-    raise ValueError(f"warm-up ({warmup} steps) is longer than training ({total} steps)")
+  if warmup >= total:
+    raise ValueError(f"warm-up ({warmup} steps) must be shorter than training ({total} steps)")
   return total, warmup
 
 
@@ -55,21 +62,42 @@ def make_optimizer(config, total_steps, warmup_steps):
   return tx, schedule
 
 
-def create_train_state(config, tx):
-  """(graphdef, static, state) for a freshly initialised model."""
+def _mask_key(seed):
+  return jax.random.fold_in(jax.random.key(seed), 0x3A5C)  # the mask-noise stream
+
+
+def _init(config, tx):
   model = model_lib.MAE(config.model, rngs=nnx.Rngs(config.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
   state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
-  mask_key = jax.random.fold_in(jax.random.key(config.seed), 0x3A5C)  # mask stream
-  return graphdef, Static(rest=rest, mask_key=mask_key), state
+  return state, Static(rest=rest, mask_key=_mask_key(config.seed))
+
+
+def create_train_state(config, tx):
+  """(graphdef, static, state) for a freshly initialised model on the default device."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.MAE(config.model, rngs=nnx.Rngs(0))))
+  state, static = _init(config, tx)
+  return graphdef, static, state
+
+
+def sharded_setup(config, tx, mesh):
+  """(graphdef, abstract state, state shardings, static shardings) on `mesh`, nothing allocated."""
+  model = nnx.eval_shape(lambda: model_lib.MAE(config.model, rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(model)
+  abstract_state, abstract_static = jax.eval_shape(lambda: _init(config, tx))
+  rules = tuple(map(tuple, config.mesh.rules))
+  state_sh = TrainState(step=sharding.replicated(mesh),
+                        params=sharding.state_shardings(abstract_state.params, mesh, rules),
+                        opt_state=sharding.state_shardings(abstract_state.opt_state, mesh, rules))
+  static_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_static)
+  return graphdef, abstract_state, state_sh, static_sh
 
 
 def train_step(graphdef, tx, schedule, model_config, state, static, batch):
-  """One AdamW step on `batch` = {images (B,H,W,C) normalised, index (B,) global ids}."""
+  """One AdamW step on `batch` = {images (B,H,W,C) uint8 or normalised, index (B,) global ids}."""
   step_key = jax.random.fold_in(static.mask_key, state.step)
   noise = patches.example_noise(model_config.mask_sampler, step_key, batch["index"],
                                 model_config.grid, model_config.mask_ratio)
-
   images = batch["images"]
   if images.dtype == jnp.uint8:  # pipelines may ship uint8 and normalise here, on device
     images = imaging.normalize(images)
@@ -93,9 +121,11 @@ def _format_eta(seconds):
 
 def check_workdir(workdir):
   """Create `workdir` and prove it is writable now, not after an hour of training."""
+  if "://" in os.fspath(workdir):
+    return  # object stores: Orbax / tensorstore report their own errors on first write
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -103,63 +133,159 @@ def check_workdir(workdir):
     raise PermissionError(f"--workdir={workdir} is not writable: {e}") from e
 
 
-def train_and_evaluate(config, workdir):
-  """Pre-train as `config` says, logging to stdout and TensorBoard; returns the final state."""
+def _log_compiled(compiled, state):
+  """Memory analysis of the compiled step and parameter bytes per device, before step 1."""
+  log.info("parameters + optimizer state per device: %.1f MiB (params %.1f MiB)",
+           sharding.per_device_bytes(state) / 2**20,
+           sharding.per_device_bytes(state.params) / 2**20)
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    mem = None
+  if mem is not None:
+    log.info("compiled step memory per device: arguments %.1f MiB, outputs %.1f MiB, "
+             "temporaries %.1f MiB, generated code %.1f MiB",
+             *(getattr(mem, f, 0) / 2**20 for f in (
+                 "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes")))
+
+
+def build(config, mesh, total_steps, warmup_steps):
+  """Everything to run sharded steps on `mesh`: optimizer, shardings and the jitted step."""
+  model_config = model_lib.model_config(config.model)
+  tx, schedule = make_optimizer(config, total_steps, warmup_steps)
+  graphdef, abstract_state, state_sh, static_sh = sharded_setup(config, tx, mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef, tx, schedule, model_config),
+      in_shardings=(state_sh, static_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  init_fn = jax.jit(lambda: _init(config, tx), out_shardings=(state_sh, static_sh))
+  return types.SimpleNamespace(tx=tx, graphdef=graphdef, abstract_state=abstract_state,
+                               state_sh=state_sh, static_sh=static_sh, step_fn=step_fn,
+                               init_fn=init_fn)
+
+
+def _restore_or_init(built, ckpt, restore_from):
+  """(state, static, data position, start step): resume, restore from a path, or initialise."""
+  state, static = built.init_fn()
+  target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
+  step = ckpt.latest_step()
+  if step is not None:
+    log.info("resuming from %s/%d", ckpt.directory, step)
+    params, opt_state, meta = ckpt.restore(step, target)
+  elif restore_from:
+    restored, step = checkpointing.restore(
+        *_split_restore_path(restore_from), params=target.params, opt_state=target.opt_state)
+    log.info("restored step %d from %s", step, restore_from)
+    params, opt_state, meta = restored["params"], restored["opt_state"], restored["meta"]
+  else:
+    return state, static, None, 0
+  state = TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step), params=params,
+                     opt_state=opt_state)
+  return state, static, meta.get("data"), step
+
+
+def _split_restore_path(path):
+  """--restore accepts a workdir or one step directory `<workdir>/checkpoints/<step>`."""
+  path = os.path.abspath(os.fspath(path))
+  parent, name = os.path.split(path)
+  if os.path.basename(parent) == checkpointing.CHECKPOINT_DIR and name.isdigit():
+    return os.path.dirname(parent), int(name)
+  return path, None
+
+
+def train_and_evaluate(config, workdir, restore_from=None):
+  """Pre-train as `config` says (auto-resuming from `workdir`); returns (state, loss history)."""
   model_config = model_lib.model_config(config.model)  # validates before anything heavy
   total_steps, warmup_steps = schedule_steps(config)
   check_workdir(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.batch_size, mesh)
+  is_chief = jax.process_index() == 0
+
+  built = build(config, mesh, total_steps, warmup_steps)
+  graphdef = built.graphdef
+  ckpt = checkpointing.Checkpointer(workdir, config)
+  state, static, data_state, start_step = _restore_or_init(built, ckpt, restore_from)
+  if start_step >= total_steps:
+    log.info("%s already holds the final step %d; nothing to do", ckpt.directory, start_step)
+    ckpt.close()
+    return state, []
+
   batches = input_pipeline.create_pretrain_iterator(config)
-  batch = next(batches)
+  if data_state is not None:
+    batches.restore(data_state)
+  local = next(batches)
+  # Every process says which examples it feeds: the quickest check of a multi-host launch.
+  print(f"process {jax.process_index()}/{jax.process_count()} feeds {len(local['index'])} of "
+        f"{config.batch_size} examples per step, first global ids "
+        f"{np.asarray(local['index'][:4]).tolist()}", flush=True)
+  batch = sharding.global_batch(local, mesh)
   images = batch["images"]
   if tuple(images.shape[1:]) != model_config.image_shape:
     raise ValueError(f"the input pipeline yields images of shape {images.shape[1:]} but "
                      f"config.model expects {model_config.image_shape}")
+  log.info("mesh %s on %d devices, %d process(es); %.2fM trainable parameters; steps %d..%d "
+           "(%d warm-up), global batch %d, peak lr %.3g",
+           dict(mesh.shape), mesh.size, jax.process_count(),
+           model_lib.count_params(built.abstract_state.params) / 1e6, start_step, total_steps,
+           warmup_steps, config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size))
 
-  tx, schedule = make_optimizer(config, total_steps, warmup_steps)
-  graphdef, static, state = create_train_state(config, tx)
-  log.info("model: %.2fM trainable parameters; %d steps (%d warm-up), batch %d, peak lr %.3g",
-               model_lib.count_params(state.params) / 1e6, total_steps, warmup_steps,
-               config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size))
-
-  step_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule, model_config), donate_argnums=0)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, static, batch).compile()
+  compiled = built.step_fn.lower(state, static, batch).compile()
   log.info("train step compiled in %.1fs", time.perf_counter() - start)
+  _log_compiled(compiled, state)
 
-  writer = summaries.SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                   enabled=jax.process_index() == 0)
+  writer = summaries.SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
+  stop_after = config.stop_after_steps if config.stop_after_steps > 0 else None
   pending, history = [], []
-  tick, tick_step = time.perf_counter(), 0
-  for step in range(total_steps):
-    if step > 0:
-      batch = next(batches)
+  tick, tick_step = time.perf_counter(), start_step
+  step = start_step
+  while step < total_steps:
+    if step > start_step:
+      batch = sharding.global_batch(next(batches), mesh)
     state, metrics = compiled(state, static, batch)
     pending.append(metrics)
-    done = step + 1
-    if done % config.log_every == 0 or done == total_steps:
+    step += 1
+    stop = ckpt.stop_requested(step) or (stop_after and step - start_step >= stop_after)
+    if step % config.log_every == 0 or step == total_steps or stop:
       # One host sync per log interval, not per step.
       averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
       now = time.perf_counter()
-      img_per_s = (done - tick_step) * config.batch_size / (now - tick)
-      eta = (total_steps - done) * config.batch_size / img_per_s
+      img_per_s = (step - tick_step) * config.batch_size / (now - tick)
+      eta = (total_steps - step) * config.batch_size / img_per_s
       log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  eta %s",
-                   done, total_steps, averaged["loss"], averaged["lr"], averaged["grad_norm"],
-                   img_per_s, _format_eta(eta))
-      writer.scalars(done, {**averaged, "img_per_s": img_per_s})
-      history.append((done, averaged["loss"]))
-      pending, tick, tick_step = [], now, done
-
-  path = checkpointing.save(workdir, total_steps, state.params, state.opt_state,
-                            {"data": batches.state()}, config)
-  log.info("saved checkpoint %s", path)
-  model = nnx.merge(graphdef, state.params, static.rest)
-  picture = visualize.reconstruction_grid(
-      model, input_pipeline.preview_images(config.num_preview_images, model_config.img_size),
-      key=jax.random.key(config.seed), scale=max(1, 224 // model_config.img_size))
-  picture_path = os.path.join(workdir, "reconstructions.png")
-  visualize.save_png(picture, picture_path)
-  writer.image(total_steps, "reconstructions", picture)
+               step, total_steps, averaged["loss"], averaged["lr"], averaged["grad_norm"],
+               img_per_s, _format_eta(eta))
+      writer.scalars(step, {**averaged, "img_per_s": img_per_s})
+      history.append((step, averaged["loss"]))
+      pending, tick, tick_step = [], now, step
+    if config.image_every > 0 and step % config.image_every == 0 and step < total_steps:
+      _write_picture(config, graphdef, state, static, writer, step, None)
+    if ckpt.should_save(step, total_steps) or stop:
+      ckpt.save(step, state, {"data": batches.state(), "seed": config.seed})
+    if stop:
+      log.info("stopping at step %d (%s); rerun the same command to resume", step,
+               "signal" if ckpt.preemption.requested else "stop_after_steps")
+      break
+  ckpt.close()
+  log.info("checkpoint of step %d in %s", step, ckpt.directory)
+  if step == total_steps:
+    path = _write_picture(config, graphdef, state, static, writer, step,
+                          os.path.join(workdir, "reconstructions.png"))
+    log.info("wrote %s (original | masked | reconstruction | reconstruction + visible)", path)
   writer.close()
-  log.info("wrote %s (original | masked | reconstruction | reconstruction + visible)",
-               picture_path)
   return state, history
+
+
+def _write_picture(config, graphdef, state, static, writer, step, path):
+  """Reconstructions of the preview photos to TensorBoard (and `path` if given)."""
+  model = nnx.merge(graphdef, sharding.to_host(state.params), sharding.to_host(static.rest))
+  size = model.config.img_size
+  picture = visualize.reconstruction_grid(
+      model, input_pipeline.preview_images(config.num_preview_images, size),
+      key=jax.random.key(config.seed), scale=max(1, 224 // size))
+  writer.image(step, "reconstructions", picture)
+  if path and jax.process_index() == 0:
+    visualize.save_png(picture, path)
+  return path

@@ -1,9 +1,15 @@
-"""Shared fixtures: tiny model configs and an official-formula numpy reference."""
+"""Shared fixtures: 8 fake CPU devices, tiny model configs, an official-formula numpy reference."""
 
-import numpy as np
-import pytest
+import os
 
-from configs import tiny
+# Before jax is imported anywhere: 8 CPU devices for the mesh tests (child processes inherit it).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import tiny  # noqa: E402
 
 
 def official_sincos_table(dim, rows, cols):
@@ -30,4 +36,5 @@ def tiny_config():
   config = tiny.get_config()
   config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
                       decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+  config.mesh.data = 1  # one device unless a test asks for a mesh
   return config

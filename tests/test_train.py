@@ -35,7 +35,7 @@ def test_loop_learns_checkpoints_and_writes_outputs(tmp_path, tiny_config):
                   jax.tree.leaves((state.params, state.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert step == 40 and restored["config"].model.embed_dim == 32
-  assert restored["meta"] == {"step": 40, "data": {"step": 40}}
+  assert restored["meta"] == {"step": 40, "data": {"step": 40}, "seed": 0}
 
   picture = np.asarray(Image.open(tmp_path / "reconstructions.png"))
   scale = 224 // 32
@@ -71,7 +71,7 @@ def _cli(*args, timeout=300):
 @pytest.mark.parametrize("override,message", [
     ("--config.model.mask_ratio=1.5", r"mask_ratio must be in \(0, 1\), got 1.5"),
     ("--config.model.img_size=60", r"img_size=60 is not divisible by model.patch_size=8"),
-    ("--config.warmup_steps=500", r"warm-up \(500 steps\) is longer than training \(200 steps\)"),
+    ("--config.warmup_steps=500", r"warm-up \(500 steps\) must be shorter than training \(200 steps\)"),
 ])
 def test_cli_bad_input_fails_before_compile(tmp_path, override, message):
   result = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
