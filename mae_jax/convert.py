@@ -432,8 +432,9 @@ def import_checkpoint(path, *, seed=0, require_decoder=False, **overrides):
   missing, extra = _fill(model, state_dict, path, allow_missing=allow_missing,
                          allow_extra=CLASSIFIER_PREFIXES)
   extras = {k: state_dict[k] for k in extra}
-  for key in ("pos_embed", "decoder_pos_embed"):
-    ours = getattr(model, key)[...]
+  mc = model.config
+  for key, width in (("pos_embed", mc.embed_dim), ("decoder_pos_embed", mc.decoder_embed_dim)):
+    ours = patches.sincos_2d(width, mc.grid)[None]  # what mae_jax.load will use
     if key in state_dict and not np.array_equal(state_dict[key], ours):
       extras[key] = state_dict[key]  # kept for export; the model uses its fixed sin-cos table
       if not np.allclose(state_dict[key], ours, atol=1e-5):
@@ -456,7 +457,7 @@ def full_config(model_config, seed=0):
   return config
 
 
-class _AtomicOutput:
+class AtomicOutput:
   """Build `path` under a temporary name beside it; rename into place only on success."""
 
   def __init__(self, path, overwrite, is_dir):
@@ -465,7 +466,7 @@ class _AtomicOutput:
 
   def __enter__(self):
     if os.path.exists(self.path) and not self.overwrite:
-      raise FileExistsError(f"--output={self.path} exists; pass --overwrite to replace it")
+      raise FileExistsError(f"{self.path} exists; pass --overwrite to replace it")
     parent = os.path.dirname(self.path)
     os.makedirs(parent, exist_ok=True)
     name = "." + os.path.basename(self.path) + ".tmp-"
@@ -500,7 +501,7 @@ def save_imported(imported, workdir, *, seed=0, overwrite=False):
   """Write an Orbax checkpoint directory (step 0) that `mae_jax.load(workdir)` opens."""
   from mae_jax import checkpointing  # pylint: disable=import-outside-toplevel
   config = full_config(imported.model.config, seed)
-  with _AtomicOutput(workdir, overwrite, is_dir=True) as tmp:
+  with AtomicOutput(workdir, overwrite, is_dir=True) as tmp:
     checkpointing.save(tmp, 0, nnx.state(imported.model, nnx.Param), None, imported.meta(),
                        config)
     if imported.extras:
@@ -582,7 +583,7 @@ def _torch():
 
 def _tensors(state_dict):
   torch = _torch()
-  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+  return {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}  # writable copies
 
 
 def export_checkpoint(path_or_workdir, output, *, fmt="official", step=None, include_fresh=False,
@@ -591,7 +592,7 @@ def export_checkpoint(path_or_workdir, output, *, fmt="official", step=None, inc
   state_dict, model_config = export_state_dict(path_or_workdir, step, include_fresh)
   if fmt == "official":
     tensors = _tensors(state_dict)
-    with _AtomicOutput(output, overwrite, is_dir=False) as tmp:
+    with AtomicOutput(output, overwrite, is_dir=False) as tmp:
       _torch().save({"model": tensors}, tmp)
     return os.path.abspath(output)
   if fmt != "hf":
@@ -605,7 +606,7 @@ def export_checkpoint(path_or_workdir, output, *, fmt="official", step=None, inc
                      "one: pass --include_fresh to export the freshly initialised decoder")
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   hf = {k: np.ascontiguousarray(v) for k, v in official_to_hf(state_dict).items()}
-  with _AtomicOutput(output, overwrite, is_dir=True) as tmp:
+  with AtomicOutput(output, overwrite, is_dir=True) as tmp:
     save_file(hf, os.path.join(tmp, HF_WEIGHTS[0]), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config(model_config), f, indent=2)
@@ -653,13 +654,14 @@ def add_model_flags(parser):
   group.add_argument("--norm_pix_loss", type=_bool,
                      help="true|false: targets were per-patch normalised (default true; "
                           "false for the official mae_visualize_*.pth)")
-  group.add_argument("--seed", type=int, default=0, help="init of weights the file lacks")
+  group.add_argument("--init_seed", type=int, default=0,
+                     help="initialisation of weights the file lacks (e.g. a decoder)")
 
 
 def model_overrides(args):
   names = ("img_size", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
            "norm_pix_loss")
-  return dict({n: getattr(args, n) for n in names}, seed=args.seed)
+  return dict({n: getattr(args, n) for n in names}, seed=args.init_seed)
 
 
 def run_cli(main, argv):
