@@ -231,11 +231,32 @@ def _swap_prefix(key, pairs, reverse=False):
   raise KeyError(f"unexpected HuggingFace ViTMAE key {key!r}")
 
 
+# Files keep the transformers 4.x layout: hub checkpoints, and what 5.x `save_pretrained`
+# writes (it maps names back on saving); 5.x state dicts use the names above.
+_HF_LEGACY = (
+    ("vit.encoder.layer.", "vit.layers."),
+    ("decoder.decoder_encoder.layer.", "decoder.decoder_layers."),
+    (".attention.attention.query.", ".attention.q_proj."),
+    (".attention.attention.key.", ".attention.k_proj."),
+    (".attention.attention.value.", ".attention.v_proj."),
+    (".attention.output.dense.", ".attention.o_proj."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
+)
+
+
+def _hf_v5_name(key):
+  """A transformers 4.x / on-disk ViTMAE key -> its 5.x name (5.x names pass unchanged)."""
+  for old, new in _HF_LEGACY:
+    key = key.replace(old, new)
+  return key
+
+
 def hf_to_official(hf_state_dict):
-  """HF `ViTMAEForPreTraining` state dict -> official names (q, k, v stacked into qkv)."""
+  """HF `ViTMAEForPreTraining` state dict (5.x or on-disk 4.x names) -> official names."""
   out, qkv = {}, {}
   for key, value in hf_state_dict.items():
-    key = _swap_prefix(key, _HF_PREFIXES)
+    key = _swap_prefix(_hf_v5_name(key), _HF_PREFIXES)
     for hf, official in _HF_LAYER_PARTS:
       key = key.replace(hf, official)
     for i, name in enumerate(("q", "k", "v")):
