@@ -196,7 +196,13 @@ def summarise_keys(keys):
   for head, rests in groups.items():
     indices = sorted({int(r.split(".")[0]) for r in rests if r.split(".")[0].isdigit()})
     if indices and len(indices) == len({r.split(".")[0] for r in rests}):
-      parts.append(f"{head}.{{{indices[0]}..{indices[-1]}}}.*")
+      if len(indices) == 1:
+        span = indices[0]
+      elif indices == list(range(indices[0], indices[-1] + 1)):
+        span = f"{{{indices[0]}..{indices[-1]}}}"
+      else:
+        span = "{" + ",".join(map(str, indices)) + "}"
+      parts.append(f"{head}.{span}.*")
     elif rests == [""]:
       parts.append(head)
     else:
@@ -400,12 +406,14 @@ def infer_model_config(state_dict, source="state dict", **overrides):
                 depth=_count_blocks(state_dict, "blocks"),
                 mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim)
   if "img_size" not in overrides:
-    tokens = state_dict["pos_embed"].shape[1] - 1 if "pos_embed" in state_dict else 196
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-      raise ValueError(f"{source}: pos_embed has {tokens} patch rows, not a square grid; "
-                       "pass --img_size=H,W")
-    fields["img_size"] = side * patch
+    fields["img_size"] = 224  # the official resolution, when the file has no table
+    if "pos_embed" in state_dict:
+      tokens = state_dict["pos_embed"].shape[1] - 1
+      side = math.isqrt(tokens)
+      if side * side != tokens:
+        raise ValueError(f"{source}: pos_embed has {tokens} patch rows, not a square grid; "
+                         "pass --img_size=H,W")
+      fields["img_size"] = side * patch
   assumed = {}
   if "decoder_embed.weight" in state_dict:
     fields["decoder_embed_dim"] = state_dict["decoder_embed.weight"].shape[0]
@@ -677,6 +685,20 @@ def add_model_flags(parser):
                           "false for the official mae_visualize_*.pth)")
   group.add_argument("--init_seed", type=int, default=0,
                      help="initialisation of weights the file lacks (e.g. a decoder)")
+
+
+def add_checkpoint_flags(parser, what):
+  """--checkpoint (`what` it may be), --step and the model flags, for tools that read a model."""
+  parser.add_argument("--checkpoint", required=True,
+                      help=f"an mae_jax workdir / step directory, or {what}")
+  parser.add_argument("--step", type=int, help="checkpoint step (default latest)")
+  add_model_flags(parser)
+
+
+def load_from_flags(args, require_decoder=False):
+  """The `Pretrained` that --checkpoint, --step and the model flags name."""
+  return load_any(args.checkpoint, step=args.step, require_decoder=require_decoder,
+                  **model_overrides(args))
 
 
 def model_overrides(args):

@@ -106,22 +106,19 @@ def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m mae_jax.features",
       description="Encoder features (no masking) of every image under a folder, to .npy.")
-  parser.add_argument("--checkpoint", required=True,
-                      help="an mae_jax workdir / step directory or an official / HF file "
-                           "(encoder-only and fine-tuned files work)")
+  convert.add_checkpoint_flags(
+      parser, "an official / HF file (encoder-only and fine-tuned files work)")
   parser.add_argument("--images_dir", required=True, help="folder searched recursively")
   parser.add_argument("--out", default="features.npy",
                       help="the (N, D) float32 .npy; image paths go to <out>.paths.txt")
   parser.add_argument("--pool", choices=POOLS, default="cls",
                       help="cls token or mean of the patch tokens")
   parser.add_argument("--batch_size", type=int, default=64, help="images per jitted call")
-  parser.add_argument("--step", type=int, help="checkpoint step (default latest)")
-  convert.add_model_flags(parser)
   args = parser.parse_args(argv)
   if args.batch_size < 1:
     raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
   names = list_images(args.images_dir)
-  loaded = convert.load_any(args.checkpoint, step=args.step, **convert.model_overrides(args))
+  loaded = convert.load_from_flags(args)
   feats = extract(loaded.model, [os.path.join(args.images_dir, n) for n in names],
                   pool=args.pool, batch_size=args.batch_size)
   with convert.AtomicOutput(args.out, overwrite=True, is_dir=False) as tmp:

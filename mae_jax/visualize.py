@@ -100,9 +100,7 @@ def main(argv=None):
       prog="python -m mae_jax.visualize",
       description="Reconstruction grid: original | masked | reconstruction | "
                   "reconstruction + visible patches, one row per image.")
-  parser.add_argument("--checkpoint", required=True,
-                      help="an mae_jax workdir / step directory, or an official / HF file "
-                           "with the decoder")
+  convert.add_checkpoint_flags(parser, "an official / HF file with the decoder")
   parser.add_argument("--images", nargs="*", default=[],
                       help="image files (centre-cropped to the model size); none: the "
                            "bundled photos")
@@ -115,11 +113,8 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0, help="masking seed")
   parser.add_argument("--scale", type=int,
                       help="integer upscaling of the picture (default 224 // img_size)")
-  parser.add_argument("--step", type=int, help="checkpoint step (default latest)")
-  convert.add_model_flags(parser)
   args = parser.parse_args(argv)
-  loaded = convert.load_any(args.checkpoint, step=args.step, require_decoder=True,
-                            **convert.model_overrides(args))
+  loaded = convert.load_from_flags(args, require_decoder=True)
   mc = loaded.model.config
   if args.images:
     images = imaging.load_batch(args.images, mc.img_size)

@@ -4,14 +4,13 @@ import subprocess
 import sys
 import warnings
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import mae_jax
 from conftest import official_sincos_table, write_pth
-from mae_jax import convert
+from mae_jax import checkpointing, convert
 from mae_jax import model as model_lib
 
 
@@ -180,7 +179,7 @@ def test_official_vit_b_round_trip_bit_identical(tmp_path):
   sd = random_official(shapes)
   pth = write_pth(tmp_path / "mae_vit_b.pth", sd)
   convert.main(["--input", pth, "--output", str(tmp_path / "ours")])
-  mc = mae_jax.load(tmp_path / "ours").model.config
+  mc = checkpointing.restore(tmp_path / "ours")[0]["config"].model  # JSON only: no model build
   assert (mc.embed_dim, mc.depth, mc.num_heads, mc.patch_size, mc.img_size) == (768, 12, 12, 16, 224)
   assert (mc.decoder_embed_dim, mc.decoder_depth, mc.decoder_num_heads) == (512, 8, 16)
   # the official float32 sin-cos tables equal ours bit for bit: nothing kept aside
@@ -193,18 +192,16 @@ def test_official_vit_b_round_trip_bit_identical(tmp_path):
 
 def test_encoder_only_file_fresh_decoder_with_warning(tmp_path):
   pytest.importorskip("torch")
-  shapes = official_shapes(64, 2, 8, 4)
+  shapes = official_shapes(32, 2, 8, 4)  # the tiny test size: compiled ops are reused
   sd = random_official(shapes, seed=3)
   pth = write_pth(tmp_path / "enc.pth", sd)
-  with pytest.warns(UserWarning, match=r"enc.pth has no decoder_blocks\.\{0\.\.1\}\.\*, "
+  with pytest.warns(UserWarning, match=r"enc.pth has no decoder_blocks\.0\.\*, "
                                        r"decoder_embed\.\{bias,weight\}.*mask_token"):
     convert.main(["--input", pth, "--output", str(tmp_path / "ours"), "--num_heads=4",
-                  "--decoder_embed_dim=32", "--decoder_depth=2", "--decoder_num_heads=2"])
+                  "--decoder_embed_dim=32", "--decoder_depth=1", "--decoder_num_heads=4"])
   loaded = mae_jax.load(tmp_path / "ours")
-  assert loaded.model.config.decoder_depth == 2 and loaded.model.config.num_heads == 4
+  assert loaded.model.config.decoder_depth == 1 and loaded.model.config.num_heads == 4
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  assert np.isfinite(float(loaded.loss(images, key=jax.random.key(0))))
-  # loss() runs through a decoder; encode() gives the file's encoder exactly
   ref = convert.load_pytorch(convert.official_state_dict(loaded.model) | sd,
                              loaded.model.config)
   np.testing.assert_array_equal(loaded.encode(images), ref.encoder(ref.embed(images)))
@@ -213,20 +210,18 @@ def test_encoder_only_file_fresh_decoder_with_warning(tmp_path):
   convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "full.pth"),
                 "--include_fresh"])
   assert set(_read_pth(tmp_path / "full.pth")) == set(
-      official_shapes(64, 2, 8, 4, d_dec=32, dec_depth=2))
-  with pytest.raises(KeyError, match="encoder-only"):  # the strict loader stays strict
-    convert.load_pytorch(pth, loaded.model.config)
+      official_shapes(32, 2, 8, 4, d_dec=32, dec_depth=1))
 
 
 def test_finetuned_file_keeps_head_fc_norm_and_trained_table(tmp_path):
   pytest.importorskip("torch")
-  shapes = official_shapes(64, 2, 8, 4, classes=10, fc_norm=True)
+  shapes = official_shapes(32, 2, 8, 4, classes=10, fc_norm=True)
   sd = random_official(shapes, seed=4, sincos=False)  # a fine-tuned (trained) pos_embed
   pth = write_pth(tmp_path / "ft.pth", sd)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     convert.main(["--input", pth, "--output", str(tmp_path / "ours"), "--num_heads=4",
-                  "--decoder_embed_dim=32", "--decoder_depth=1", "--decoder_num_heads=2"])
+                  "--decoder_embed_dim=32", "--decoder_depth=1", "--decoder_num_heads=4"])
   messages = " ".join(str(w.message) for w in caught)
   assert "pos_embed differs from the fixed 2-D sin-cos table" in messages
   assert "norm.{bias,weight}" in messages and "decoder_pred" in messages
@@ -247,7 +242,7 @@ def _nothing_written(folder, output_name):
 
 def test_bad_inputs_clear_errors_nothing_written(tmp_path, capsys):
   pytest.importorskip("torch")
-  shapes = official_shapes(64, 2, 8, 4, d_dec=32, dec_depth=1)
+  shapes = official_shapes(32, 2, 8, 4, d_dec=32, dec_depth=1)
   good = random_official(shapes)
   out = str(tmp_path / "out")
   cases = {
@@ -256,9 +251,9 @@ def test_bad_inputs_clear_errors_nothing_written(tmp_path, capsys):
                   r"\['blocks.1.attn.proj.bias'\], 0 unexpected"),
       "extra": (good | {"blocks.0.attn.rel_pos": np.zeros(3, np.float32)},
                 r"extra.pth: .*1 unexpected key\(s\) \['blocks.0.attn.rel_pos'\]"),
-      "shape": (good | {"blocks.1.mlp.fc2.bias": np.zeros(65, np.float32)},
-                r"shape.pth: checkpoint key 'blocks.1.mlp.fc2.bias' has shape \(65,\) but "
-                r"the model expects \(64,\)"),
+      "shape": (good | {"blocks.1.mlp.fc2.bias": np.zeros(33, np.float32)},
+                r"shape.pth: checkpoint key 'blocks.1.mlp.fc2.bias' has shape \(33,\) but "
+                r"the model expects \(32,\)"),
       "noise": ({"weights": np.zeros(3, np.float32)},
                 r"noise.pth is not an MAE / ViT checkpoint: it has no 'cls_token'"),
   }
@@ -282,7 +277,7 @@ def test_bad_inputs_clear_errors_nothing_written(tmp_path, capsys):
 
 def test_cli_subprocess_import_and_error_exit(tmp_path):
   pytest.importorskip("torch")
-  sd = random_official(official_shapes(64, 1, 8, 4, d_dec=32, dec_depth=1))
+  sd = random_official(official_shapes(32, 1, 8, 4, d_dec=32, dec_depth=1))
   pth = write_pth(tmp_path / "m.pth", sd)
   run = lambda *a: subprocess.run([sys.executable, "-m", "mae_jax.convert", *a], cwd=ROOT,
                                   capture_output=True, text=True)
