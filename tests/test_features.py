@@ -76,3 +76,11 @@ def test_bad_folders(tmp_path, trained_workdir):
     features.main([f"--checkpoint={trained_workdir}", f"--images_dir={tmp_path / 'broken'}",
                    f"--out={out}"])
   assert not out.exists() and not (tmp_path / "f.paths.txt").exists()
+
+
+def test_tools_import_no_tensorflow():
+  code = ("import sys, mae_jax.convert, mae_jax.features, mae_jax.visualize; "
+          "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules, "
+          "sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch'))[:5]")
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
