@@ -41,3 +41,13 @@ def load_image(path):
       return np.asarray(img.convert("RGB"))
   except (OSError, ValueError) as e:
     raise ValueError(f"{path} is not a readable image: {e}") from e
+
+
+def load_batch(paths, img_size):
+  """Image files -> centre-cropped, resized, normalised float32 (N, S, S, 3) for a model."""
+  if not isinstance(img_size, int):
+    if img_size[0] != img_size[1]:
+      raise ValueError(f"pictures and features are made from square crops; the model's "
+                       f"img_size={img_size} is not square")
+    img_size = img_size[0]
+  return normalize(np.stack([center_crop(load_image(p), img_size) for p in paths]))

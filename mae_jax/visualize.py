@@ -1,10 +1,23 @@
-"""Reconstruction pictures: original | masked | reconstruction | reconstruction + visible."""
+"""Reconstruction pictures: original | masked | reconstruction | reconstruction + visible.
 
+Command line (all flags: README "Reconstruction pictures"):
+  python -m mae_jax.visualize --checkpoint=workdirs/demo --images a.jpg b.png --out grid.png
+  python -m mae_jax.visualize --checkpoint=mae_visualize_vit_large.pth --norm_pix_loss=false
+  python -m mae_jax.visualize --checkpoint=workdirs/demo --sampler=grid   # paper Fig. 6
+"""
+
+import argparse
+import dataclasses
+import os
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 
-from mae_jax import imaging, losses, patches
+from mae_jax import convert, imaging, losses, patches
+from mae_jax import model as model_lib
 
 MASKED_GRAY = 0.35  # brightness (0..1) shown in place of removed patches
 
@@ -59,4 +72,66 @@ def reconstruction_grid(model, images, *, key=None, noise=None, scale=1):
 
 
 def save_png(picture, path):
+  """Write a uint8 (H, W, 3) picture as PNG."""
   Image.fromarray(picture).save(path)
+
+
+def with_mask_ratio(model, mask_ratio):
+  """A copy of `model` (weights shared) that removes `mask_ratio` of the patches."""
+  if mask_ratio is None or mask_ratio == model.config.mask_ratio:
+    return model
+  config = model_lib.model_config(dataclasses.replace(model.config, mask_ratio=mask_ratio))
+  clone = nnx.merge(*nnx.split(model))
+  clone.config = config
+  return clone
+
+
+def render(model, images, *, mask_ratio=None, sampler=None, seed=0, scale=1):
+  """(picture uint8, mask (B, L)) with `sampler` (random | block | grid) at `mask_ratio`."""
+  model = with_mask_ratio(model, mask_ratio)
+  noise = model.sample_noise(images.shape[0], key=jax.random.key(seed), sampler=sampler)
+  picture = reconstruction_grid(model, images, noise=noise, scale=scale)
+  mask = patches.masking_from_noise(noise, model.config.len_keep).mask
+  return picture, np.asarray(mask)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m mae_jax.visualize",
+      description="Reconstruction grid: original | masked | reconstruction | "
+                  "reconstruction + visible patches, one row per image.")
+  convert.add_checkpoint_flags(parser, "an official / HF file with the decoder")
+  parser.add_argument("--images", nargs="*", default=[],
+                      help="image files (centre-cropped to the model size); none: the "
+                           "bundled photos")
+  parser.add_argument("--num_images", type=int, default=6,
+                      help="how many bundled photos when --images is not given")
+  parser.add_argument("--out", default="reconstructions.png", help="the PNG to write")
+  parser.add_argument("--mask_ratio", type=float, help="default: the model's (0.75)")
+  parser.add_argument("--sampler", choices=patches.MASK_SAMPLERS, default="random",
+                      help="mask sampler (paper Fig. 6); grid needs --mask_ratio 0.75")
+  parser.add_argument("--seed", type=int, default=0, help="masking seed")
+  parser.add_argument("--scale", type=int,
+                      help="integer upscaling of the picture (default 224 // img_size)")
+  args = parser.parse_args(argv)
+  loaded = convert.load_from_flags(args, require_decoder=True)
+  mc = loaded.model.config
+  if args.images:
+    images = imaging.load_batch(args.images, mc.img_size)
+  else:
+    from mae_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+    images = input_pipeline.preview_images(args.num_images, mc.image_shape[0])
+  scale = args.scale or max(1, 224 // mc.image_shape[0])
+  picture, mask = render(loaded.model, images, mask_ratio=args.mask_ratio,
+                         sampler=args.sampler, seed=args.seed, scale=scale)
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  os.makedirs(out_dir, exist_ok=True)
+  save_png(picture, args.out)
+  print(f"wrote {args.out}: {images.shape[0]} row(s), {args.sampler} masking, "
+        f"{int(mask[0].sum())}/{mask.shape[1]} patches removed per image "
+        "(original | masked | reconstruction | reconstruction + visible)")
+  return picture, mask
+
+
+if __name__ == "__main__":
+  convert.run_cli(main, None)

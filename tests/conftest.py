@@ -38,3 +38,24 @@ def tiny_config():
                       decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
   config.mesh.data = 1  # one device unless a test asks for a mesh
   return config
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A workdir with a tiny MAE pre-trained for a few steps (seconds): checkpoints/6/."""
+  from mae_jax import train  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+  config.total_steps, config.warmup_steps, config.log_every, config.num_preview_images = 6, 2, 3, 2
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def write_pth(path, state_dict, wrap=True):
+  """Save numpy arrays as an official-style `.pth` ({'model': sd}) with torch."""
+  import torch  # pylint: disable=import-outside-toplevel
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+  torch.save({"model": tensors} if wrap else tensors, path)
+  return str(path)

@@ -1,8 +1,16 @@
+import os
+import re
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 from flax import nnx
 
-from mae_jax import convert
+import mae_jax
+from conftest import official_sincos_table, write_pth
+from mae_jax import checkpointing, convert
 from mae_jax import model as model_lib
 
 
@@ -103,3 +111,182 @@ def test_hf_names_round_trip(model):
   assert sorted(back) == sorted(sd)
   for key in sd:
     np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+
+
+# ------------------------------------------------------------ whole files <-> Orbax (the CLI)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BLOCK = {"norm1.weight": (1,), "norm1.bias": (1,), "attn.qkv.weight": (3, 1),
+          "attn.qkv.bias": (3,), "attn.proj.weight": (1, 1), "attn.proj.bias": (1,),
+          "norm2.weight": (1,), "norm2.bias": (1,), "mlp.fc1.weight": (4, 1),
+          "mlp.fc1.bias": (4,), "mlp.fc2.weight": (1, 4), "mlp.fc2.bias": (1,)}  # x width
+
+
+def official_shapes(d, depth, p, grid, d_dec=None, dec_depth=0, classes=0, fc_norm=False):
+  """{key: shape} of an official MAE / ViT checkpoint, written from SPEC section 2."""
+  tokens = 1 + grid * grid
+
+  def block(prefix, w):
+    return {f"{prefix}.{k}": tuple(m * w for m in mult) for k, mult in _BLOCK.items()}
+
+  shapes = {"cls_token": (1, 1, d), "pos_embed": (1, tokens, d),
+            "patch_embed.proj.weight": (d, 3, p, p), "patch_embed.proj.bias": (d,)}
+  for i in range(depth):
+    shapes.update(block(f"blocks.{i}", d))
+  norm = "fc_norm" if fc_norm else "norm"
+  shapes.update({f"{norm}.weight": (d,), f"{norm}.bias": (d,)})
+  if d_dec:
+    shapes.update({"mask_token": (1, 1, d_dec), "decoder_embed.weight": (d_dec, d),
+                   "decoder_embed.bias": (d_dec,), "decoder_pos_embed": (1, tokens, d_dec),
+                   "decoder_norm.weight": (d_dec,), "decoder_norm.bias": (d_dec,),
+                   "decoder_pred.weight": (p * p * 3, d_dec), "decoder_pred.bias": (p * p * 3,)})
+    for i in range(dec_depth):
+      shapes.update(block(f"decoder_blocks.{i}", d_dec))
+  if classes:
+    shapes.update({"head.weight": (classes, d), "head.bias": (classes,)})
+  return shapes
+
+
+def random_official(shapes, seed=0, sincos=True):
+  """Random float32 weights; the position tables are the official sin-cos ones if `sincos`."""
+  rng = np.random.default_rng(seed)
+  sd = {k: rng.standard_normal(s, np.float32) for k, s in shapes.items()}
+  for key in ("pos_embed", "decoder_pos_embed"):
+    if sincos and key in sd:
+      _, tokens, width = sd[key].shape
+      side = int(round((tokens - 1) ** 0.5))
+      sd[key] = official_sincos_table(width, side, side)[None].astype(np.float32)
+  return sd
+
+
+def _read_pth(path):
+  import torch
+  loaded = torch.load(path, map_location="cpu", weights_only=True)
+  assert set(loaded) == {"model"}
+  return {k: v.numpy() for k, v in loaded["model"].items()}
+
+
+def _assert_bit_identical(got, want):
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_official_vit_b_round_trip_bit_identical(tmp_path):
+  pytest.importorskip("torch")
+  shapes = official_shapes(768, 12, 16, 14, d_dec=512, dec_depth=8)
+  sd = random_official(shapes)
+  pth = write_pth(tmp_path / "mae_vit_b.pth", sd)
+  convert.main(["--input", pth, "--output", str(tmp_path / "ours")])
+  mc = checkpointing.restore(tmp_path / "ours")[0]["config"].model  # JSON only: no model build
+  assert (mc.embed_dim, mc.depth, mc.num_heads, mc.patch_size, mc.img_size) == (768, 12, 12, 16, 224)
+  assert (mc.decoder_embed_dim, mc.decoder_depth, mc.decoder_num_heads) == (512, 8, 16)
+  # the official float32 sin-cos tables equal ours bit for bit: nothing kept aside
+  assert not os.path.exists(tmp_path / "ours" / convert.EXTRAS_FILE)
+  convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back.pth")])
+  back = _read_pth(tmp_path / "back.pth")
+  assert {k: v.shape for k, v in back.items()} == shapes  # what models_mae loads strictly
+  _assert_bit_identical(back, sd)
+
+
+def test_encoder_only_file_fresh_decoder_with_warning(tmp_path):
+  pytest.importorskip("torch")
+  shapes = official_shapes(32, 2, 8, 4)  # the tiny test size: compiled ops are reused
+  sd = random_official(shapes, seed=3)
+  pth = write_pth(tmp_path / "enc.pth", sd)
+  with pytest.warns(UserWarning, match=r"enc.pth has no decoder_blocks\.0\.\*, "
+                                       r"decoder_embed\.\{bias,weight\}.*mask_token"):
+    convert.main(["--input", pth, "--output", str(tmp_path / "ours"), "--num_heads=4",
+                  "--decoder_embed_dim=32", "--decoder_depth=1", "--decoder_num_heads=4"])
+  loaded = mae_jax.load(tmp_path / "ours")
+  assert loaded.model.config.decoder_depth == 1 and loaded.model.config.num_heads == 4
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  ref = convert.load_pytorch(convert.official_state_dict(loaded.model) | sd,
+                             loaded.model.config)
+  np.testing.assert_array_equal(loaded.encode(images), ref.encoder(ref.embed(images)))
+  convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back.pth")])
+  _assert_bit_identical(_read_pth(tmp_path / "back.pth"), sd)  # the fresh decoder is not exported
+  convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "full.pth"),
+                "--include_fresh"])
+  assert set(_read_pth(tmp_path / "full.pth")) == set(
+      official_shapes(32, 2, 8, 4, d_dec=32, dec_depth=1))
+
+
+def test_finetuned_file_keeps_head_fc_norm_and_trained_table(tmp_path):
+  pytest.importorskip("torch")
+  shapes = official_shapes(32, 2, 8, 4, classes=10, fc_norm=True)
+  sd = random_official(shapes, seed=4, sincos=False)  # a fine-tuned (trained) pos_embed
+  pth = write_pth(tmp_path / "ft.pth", sd)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    convert.main(["--input", pth, "--output", str(tmp_path / "ours"), "--num_heads=4",
+                  "--decoder_embed_dim=32", "--decoder_depth=1", "--decoder_num_heads=4"])
+  messages = " ".join(str(w.message) for w in caught)
+  assert "pos_embed differs from the fixed 2-D sin-cos table" in messages
+  assert "norm.{bias,weight}" in messages and "decoder_pred" in messages
+  convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back.pth")])
+  _assert_bit_identical(_read_pth(tmp_path / "back.pth"), sd)
+
+
+def _cli_error(capsys, argv):
+  with pytest.raises(SystemExit) as exit_info:
+    convert.run_cli(convert.main, argv)
+  assert exit_info.value.code == 1
+  return capsys.readouterr().err
+
+
+def _nothing_written(folder, output_name):
+  return not [n for n in os.listdir(folder) if n.startswith((output_name, "." + output_name))]
+
+
+def test_bad_inputs_clear_errors_nothing_written(tmp_path, capsys):
+  pytest.importorskip("torch")
+  shapes = official_shapes(32, 2, 8, 4, d_dec=32, dec_depth=1)
+  good = random_official(shapes)
+  out = str(tmp_path / "out")
+  cases = {
+      "missing": ({k: v for k, v in good.items() if k != "blocks.1.attn.proj.bias"},
+                  r"missing.pth: checkpoint does not match the model: 1 missing key\(s\) "
+                  r"\['blocks.1.attn.proj.bias'\], 0 unexpected"),
+      "extra": (good | {"blocks.0.attn.rel_pos": np.zeros(3, np.float32)},
+                r"extra.pth: .*1 unexpected key\(s\) \['blocks.0.attn.rel_pos'\]"),
+      "shape": (good | {"blocks.1.mlp.fc2.bias": np.zeros(33, np.float32)},
+                r"shape.pth: checkpoint key 'blocks.1.mlp.fc2.bias' has shape \(33,\) but "
+                r"the model expects \(32,\)"),
+      "noise": ({"weights": np.zeros(3, np.float32)},
+                r"noise.pth is not an MAE / ViT checkpoint: it has no 'cls_token'"),
+  }
+  for name, (sd, message) in cases.items():
+    err = _cli_error(capsys, ["--input", write_pth(tmp_path / f"{name}.pth", sd),
+                              "--output", out, "--num_heads=4"])
+    assert re.search(message, err), (name, err)
+    assert _nothing_written(tmp_path, "out"), name
+  (tmp_path / "text.pth").write_text("not a checkpoint")
+  err = _cli_error(capsys, ["--input", str(tmp_path / "text.pth"), "--output", out])
+  assert "text.pth is not a PyTorch checkpoint readable with weights_only=True" in err
+  (tmp_path / "text.safetensors").write_text("not a checkpoint")
+  err = _cli_error(capsys, ["--input", str(tmp_path / "text.safetensors"), "--output", out])
+  assert "text.safetensors is not a readable safetensors file" in err
+  assert _nothing_written(tmp_path, "out")
+  os.makedirs(out)
+  err = _cli_error(capsys, ["--input", write_pth(tmp_path / "ok.pth", good), "--output", out,
+                            "--num_heads=4"])
+  assert "out exists; pass --overwrite" in err and os.listdir(out) == []
+
+
+def test_cli_subprocess_import_and_error_exit(tmp_path):
+  pytest.importorskip("torch")
+  sd = random_official(official_shapes(32, 1, 8, 4, d_dec=32, dec_depth=1))
+  pth = write_pth(tmp_path / "m.pth", sd)
+  run = lambda *a: subprocess.run([sys.executable, "-m", "mae_jax.convert", *a], cwd=ROOT,
+                                  capture_output=True, text=True)
+  ok = run("--input", pth, "--output", str(tmp_path / "ours"), "--num_heads=4",
+           "--decoder_num_heads=2", "--norm_pix_loss=false")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "assumed (override with flags): mask_ratio=0.75" in ok.stdout
+  mc = mae_jax.load(tmp_path / "ours").model.config
+  assert (mc.num_heads, mc.decoder_num_heads, mc.norm_pix_loss) == (4, 2, False)
+  bad = run("--input", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "x"))
+  assert bad.returncode == 1 and "error: no checkpoint file at" in bad.stderr
+  assert "Traceback" not in bad.stderr
