@@ -12,10 +12,11 @@ from mae_jax import model as model_lib
 class Pretrained:
   """A restored MAE with its training config; all image arguments are normalised NHWC float32."""
 
-  def __init__(self, model, config, step=None):
+  def __init__(self, model, config, step=None, meta=None):
     self.model = model
     self.config = config
     self.step = step
+    self.meta = meta or {}  # saved with the checkpoint: data position, conversion source, ...
 
   @property
   def model_config(self):
@@ -28,7 +29,7 @@ class Pretrained:
 
   def reconstruct(self, images, mask_ratio=None, key=None, sampler=None):
     """(reconstructed images (B, H, W, C) in the input's normalisation, mask (B, L))."""
-    model = self._with_mask_ratio(mask_ratio)
+    model = model_lib.with_mask_ratio(self.model, mask_ratio)
     images = jnp.asarray(images)
     noise = model.sample_noise(images.shape[0], key=key, sampler=sampler)
     _, pred, mask = model(images, noise=noise)
@@ -42,17 +43,8 @@ class Pretrained:
 
   def loss(self, images, noise=None, key=None, mask_ratio=None):
     """The pre-training loss for `images` with the given noise (or a key)."""
-    model = self._with_mask_ratio(mask_ratio)
+    model = model_lib.with_mask_ratio(self.model, mask_ratio)
     return model(jnp.asarray(images), noise=noise, key=key)[0]
-
-  def _with_mask_ratio(self, mask_ratio):
-    if mask_ratio is None or mask_ratio == self.model.config.mask_ratio:
-      return self.model
-    config = model_lib.model_config(dict(vars(self.model.config), mask_ratio=mask_ratio))
-    graphdef, state = nnx.split(self.model)
-    clone = nnx.merge(graphdef, state)
-    clone.config = config
-    return clone
 
 
 def _encode_all(model, images):
@@ -60,7 +52,7 @@ def _encode_all(model, images):
   return model.encoder(x)
 
 
-def _resolve(path_or_workdir, step):
+def resolve_checkpoint(path_or_workdir, step=None):
   """(workdir, step) from a workdir, its checkpoints/ folder or one step's folder."""
   path = os.path.abspath(os.fspath(path_or_workdir))
   if not os.path.isdir(path):
@@ -81,9 +73,9 @@ def load(path_or_workdir, step=None):
 
   Needs no config files: the config saved beside the checkpoint defines the model.
   """
-  workdir, step = _resolve(path_or_workdir, step)
+  workdir, step = resolve_checkpoint(path_or_workdir, step)
   meta, step = checkpointing.restore(workdir, step)
   model = model_lib.MAE(meta["config"].model, rngs=nnx.Rngs(meta["config"].get("seed", 0)))
   restored, _ = checkpointing.restore(workdir, step, params=nnx.state(model, nnx.Param))
   nnx.update(model, restored["params"])
-  return Pretrained(model, meta["config"], step)
+  return Pretrained(model, meta["config"], step, meta["meta"])

@@ -541,7 +541,7 @@ def save_imported(imported, workdir, *, seed=0, overwrite=False):
 def _converted_from(path_or_workdir, step):
   """(meta['converted_from'] or {}, extras dict, workdir) of one of our checkpoints."""
   from mae_jax import api, checkpointing  # pylint: disable=import-outside-toplevel
-  workdir, step = api._resolve(path_or_workdir, step)  # pylint: disable=protected-access
+  workdir, step = api.resolve_checkpoint(path_or_workdir, step)
   items, _ = checkpointing.restore(workdir, step)
   converted = dict(items["meta"].get("converted_from") or {})
   extras_path = os.path.join(workdir, EXTRAS_FILE)

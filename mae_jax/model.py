@@ -287,3 +287,13 @@ def count_params(module_or_state):
 def abstract_model(config):
   """The model's shapes without allocating memory (`nnx.eval_shape`)."""
   return nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0)))
+
+
+def with_mask_ratio(model, mask_ratio):
+  """A copy of `model` (weights shared) that removes `mask_ratio` of the patches."""
+  if mask_ratio is None or mask_ratio == model.config.mask_ratio:
+    return model
+  config = model_config(dataclasses.replace(model.config, mask_ratio=mask_ratio))
+  clone = nnx.merge(*nnx.split(model))
+  clone.config = config
+  return clone

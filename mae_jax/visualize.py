@@ -7,13 +7,11 @@ Command line (all flags: README "Reconstruction pictures"):
 """
 
 import argparse
-import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image
 
 from mae_jax import convert, imaging, losses, patches
@@ -76,19 +74,9 @@ def save_png(picture, path):
   Image.fromarray(picture).save(path)
 
 
-def with_mask_ratio(model, mask_ratio):
-  """A copy of `model` (weights shared) that removes `mask_ratio` of the patches."""
-  if mask_ratio is None or mask_ratio == model.config.mask_ratio:
-    return model
-  config = model_lib.model_config(dataclasses.replace(model.config, mask_ratio=mask_ratio))
-  clone = nnx.merge(*nnx.split(model))
-  clone.config = config
-  return clone
-
-
 def render(model, images, *, mask_ratio=None, sampler=None, seed=0, scale=1):
   """(picture uint8, mask (B, L)) with `sampler` (random | block | grid) at `mask_ratio`."""
-  model = with_mask_ratio(model, mask_ratio)
+  model = model_lib.with_mask_ratio(model, mask_ratio)
   noise = model.sample_noise(images.shape[0], key=jax.random.key(seed), sampler=sampler)
   picture = reconstruction_grid(model, images, noise=noise, scale=scale)
   mask = patches.masking_from_noise(noise, model.config.len_keep).mask

@@ -48,6 +48,7 @@ def trained_workdir(tmp_path_factory):
   config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
                       decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
   config.total_steps, config.warmup_steps, config.log_every, config.num_preview_images = 6, 2, 3, 2
+  config.mesh.data = 1
   workdir = tmp_path_factory.mktemp("trained")
   train.train_and_evaluate(config, str(workdir))
   return workdir
