@@ -49,7 +49,8 @@ def sized_config(size, arg=None):
       crop_scale=(0.2, 1.0),    # RandomResizedCrop area fraction
       crop_ratio=(3 / 4, 4 / 3),
       hflip=True,
-      color_jitter=0.0,         # > 0: brightness, contrast, saturation x U[1-s, 1+s] (ablation, e.g. 0.4)
+      antialias=True,           # bicubic shrinks like PIL (paper); False: 1.6x faster decoding
+      color_jitter=0.0,         # > 0: brightness, contrast, saturation x U[1-s, 1+s] (e.g. 0.4)
       ship_uint8=True,          # uint8 batches, normalised on device (4x less host->device)
       shuffle_buffer=10_000,    # encoded TFDS records per process (after file shuffling)
       num_parallel_calls=-1,    # decode + augment parallelism; -1 = tf.data.AUTOTUNE

@@ -248,9 +248,10 @@ def _decode_crop(tf, encoded, box_fn):
   return image
 
 
-def _resize(tf, image, size):
-  """Bicubic resize to `size` with antialiasing (PIL's bicubic, as torchvision uses), float32."""
-  return tf.image.resize(image, size, method="bicubic", antialias=True)
+def _resize(tf, image, size, antialias):
+  """Bicubic resize to `size`, float32. With `antialias` the kernel widens when shrinking, as
+  PIL's (torchvision's, the paper's) does, within ~0.1 grey level; without, 1.6x faster."""
+  return tf.image.resize(image, size, method="bicubic", antialias=antialias)
 
 
 def _color_jitter(tf, image, seed, strength):
@@ -272,7 +273,8 @@ def _finish(tf, image, ship_uint8):
 
 
 def pretrain_transform(encoded, seed, *, size, crop="random_resized", scale=(0.2, 1.0),
-                       ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0, ship_uint8=True):
+                       ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0, antialias=True,
+                       ship_uint8=True):
   """One pre-training view (size, size, 3) of an encoded image; `seed` (2,) int keys every draw."""
   tf, _ = _tf()
   crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
@@ -282,7 +284,7 @@ def pretrain_transform(encoded, seed, *, size, crop="random_resized", scale=(0.2
     box_fn = lambda h, w: _fixed_size_box(tf, h, w, crop_seed)
   else:
     box_fn = lambda h, w: _center_box(tf, h, w)
-  image = _resize(tf, _decode_crop(tf, encoded, box_fn), [size, size])
+  image = _resize(tf, _decode_crop(tf, encoded, box_fn), [size, size], antialias)
   if hflip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if color_jitter:
@@ -290,14 +292,14 @@ def pretrain_transform(encoded, seed, *, size, crop="random_resized", scale=(0.2
   return _finish(tf, image, ship_uint8)
 
 
-def eval_transform(encoded, *, size, ship_uint8=True):
+def eval_transform(encoded, *, size, antialias=True, ship_uint8=True):
   """Resize the shorter side to size * 256/224 (bicubic), then the central (size, size) crop."""
   tf, _ = _tf()
   image = _decode_crop(tf, encoded, lambda h, w: (0, 0, h, w))
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   short = tf.cast(tf.round(size / EVAL_CROP_FRACTION), tf.float32)
   new = tf.cast(tf.round(shape * short / tf.reduce_min(shape)), tf.int32)
-  image = _resize(tf, image, new)
+  image = _resize(tf, image, new, antialias)
   top, left = (new[0] - size) // 2, (new[1] - size) // 2
   return _finish(tf, image[top:top + size, left:left + size], ship_uint8)
 
@@ -516,7 +518,7 @@ class TfBatches:
     self.transform = functools.partial(
         pretrain_transform, size=_image_size(config), crop=data.crop, scale=tuple(data.crop_scale),
         ratio=tuple(data.crop_ratio), hflip=data.hflip, color_jitter=data.color_jitter,
-        ship_uint8=data.ship_uint8)
+        antialias=data.antialias, ship_uint8=data.ship_uint8)
     self.parallel = data.num_parallel_calls
     self._warm = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next_epoch")
     self._log_skips_at = 1
@@ -671,7 +673,8 @@ def create_eval_iterator(config, *, split=None, process_index=None, process_coun
   size = _image_size(config)
 
   def load(payload, label):
-    image = eval_transform(source.load(payload), size=size, ship_uint8=data.ship_uint8)
+    image = eval_transform(source.load(payload), size=size, antialias=data.antialias,
+                           ship_uint8=data.ship_uint8)
     return {"images": image, "label": tf.cast(label, tf.int32), "valid": True}
 
   pad = {"images": tf.zeros([size, size, 3], tf.uint8 if data.ship_uint8 else tf.float32),
