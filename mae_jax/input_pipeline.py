@@ -385,6 +385,10 @@ class TfdsSource:
   def __init__(self, data, split, process_index, process_count, *, prepare=True):
     _, tfds = _tf()
     self.builder = tfds_builder(data, prepare=prepare and process_count == 1)
+    if not self.builder.is_prepared():  # several processes must not prepare one data_dir
+      raise FileNotFoundError(f"{data.dataset} is not prepared in {self.builder.data_dir} and "
+                              f"{process_count} processes cannot prepare it together; prepare "
+                              f"it first. {IMAGENET_HOW_TO}")
     _check_split(self.builder, split, data)
     self.split = tfds.even_splits(split, n=process_count)[process_index]
     self.num_examples = self.builder.info.splits[self.split].num_examples
@@ -457,10 +461,10 @@ def _check_manual_dir(name, manual_dir):
 
 
 def _check_split(builder, split, data):
-  base = split.split("[")[0]
-  if builder.info.splits and base not in builder.info.splits:
-    raise ValueError(f"config.data split {split!r} is not in {data.dataset} (data_dir="
-                     f"{builder.data_dir}); it has {sorted(builder.info.splits)}")
+  for part in split.split("+"):
+    if builder.info.splits and part.split("[")[0].strip() not in builder.info.splits:
+      raise ValueError(f"config.data split {split!r} is not in {data.dataset} (data_dir="
+                       f"{builder.data_dir}); it has {sorted(builder.info.splits)}")
 
 
 def make_source(config, split, process_index, process_count, *, prepare=True):

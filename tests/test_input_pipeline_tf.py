@@ -299,7 +299,7 @@ def test_resume_from_checkpoint_gives_the_exact_next_batch(tiny_config, imagenet
       config, process_index=1, process_count=2))["images"], batches[0]["images"])
 
 
-def test_bad_inputs_fail_with_one_clear_error(tiny_config, tmp_path):
+def test_bad_inputs_fail_with_one_clear_error(tiny_config, imagenet, tmp_path):
   missing = str(tmp_path / "nowhere")
   cases = [
       (dict(dataset="imagenet2012", data_dir=missing), FileNotFoundError,
@@ -323,6 +323,12 @@ def test_bad_inputs_fail_with_one_clear_error(tiny_config, tmp_path):
     config.data.update(data)
     with pytest.raises(error, match=message):
       ip.check_data(config)
+  # several processes never prepare one data_dir together
+  config = _config(tiny_config.copy_and_resolve_references(), imagenet)
+  config.data.data_dir = str(tmp_path / "fresh")
+  assert "to be prepared" in ip.check_data(config)
+  with pytest.raises(FileNotFoundError, match="2 processes cannot prepare it together.*tfds build"):
+    ip.create_pretrain_iterator(config, process_index=0, process_count=2)
 
 
 def test_mock_data_drives_the_training_loop(tiny_config, imagenet, tmp_path):
