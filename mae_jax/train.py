@@ -199,6 +199,7 @@ def train_and_evaluate(config, workdir, restore_from=None):
   model_config = model_lib.model_config(config.model)  # validates before anything heavy
   total_steps, warmup_steps = schedule_steps(config)
   check_workdir(workdir)
+  log.info("data: %s", input_pipeline.check_data(config))  # clear errors before any compile
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   is_chief = jax.process_index() == 0
@@ -212,7 +213,7 @@ def train_and_evaluate(config, workdir, restore_from=None):
     ckpt.close()
     return state, []
 
-  batches = input_pipeline.create_pretrain_iterator(config)
+  batches = input_pipeline.create_pretrain_iterator(config, start_step=start_step)
   if data_state is not None:
     batches.restore(data_state)
   local = next(batches)
