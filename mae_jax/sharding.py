@@ -143,6 +143,8 @@ def to_host(tree):
       return x
     if x.is_fully_addressable:
       return jax.device_get(x)
+    if x.is_fully_replicated:  # also covers typed PRNG keys, which cannot be gathered
+      return x.addressable_data(0)
     return multihost_utils.process_allgather(x, tiled=True)
   return jax.tree.map(one, tree)
 
