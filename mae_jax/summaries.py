@@ -12,6 +12,7 @@ import struct
 import time
 
 import numpy as np
+from etils import epath
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter, masked_crc32c
@@ -30,12 +31,13 @@ class SummaryWriter:
   def __init__(self, logdir, enabled=True):
     self._writer = None
     if enabled:
-      os.makedirs(logdir, exist_ok=True)
+      logdir = epath.Path(logdir)  # local paths or gs:// alike
+      logdir.mkdir(parents=True, exist_ok=True)
       now = time.time()
-      path = os.path.join(logdir, f"events.out.tfevents.{now:.6f}.{socket.gethostname()}")
-      self._writer = RecordWriter(open(path, "wb"))
+      path = logdir / f"events.out.tfevents.{now:.6f}.{socket.gethostname()}"
+      self._writer = RecordWriter(path.open("wb"))
       self._add(event_pb2.Event(wall_time=now, file_version="brain.Event:2"))
-    self.path = path if enabled else None
+    self.path = os.fspath(path) if enabled else None
 
   def _add(self, event):
     self._writer.write(event.SerializeToString())

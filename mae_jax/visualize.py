@@ -12,9 +12,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
-from mae_jax import convert, imaging, losses, patches
+from mae_jax import convert, imaging, losses, patches, summaries
 from mae_jax import model as model_lib
 
 MASKED_GRAY = 0.35  # brightness (0..1) shown in place of removed patches
@@ -70,8 +71,8 @@ def reconstruction_grid(model, images, *, key=None, noise=None, scale=1):
 
 
 def save_png(picture, path):
-  """Write a uint8 (H, W, 3) picture as PNG."""
-  Image.fromarray(picture).save(path)
+  """Write a uint8 (H, W, 3) picture as PNG (local path or gs://)."""
+  epath.Path(path).write_bytes(summaries.png_bytes(picture))
 
 
 def render(model, images, *, mask_ratio=None, sampler=None, seed=0, scale=1):
