@@ -15,7 +15,9 @@ import threading
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -129,19 +131,20 @@ def restore(workdir, step=None, **abstract_items):
 
 
 class Preemption:
-  """Turns SIGTERM (Cloud TPU maintenance, SLURM, k8s) into a request to stop at a step boundary.
+  """Turns SIGTERM / SIGUSR1 into a request to checkpoint and stop at a step boundary.
 
-  Multi-process runs also ask Orbax/JAX's preemption sync (`reached_preemption`),
-  which makes every process agree on the same step.
+  One process: our handler catches both. Several processes: JAX's preemption
+  service owns SIGTERM (Cloud TPU maintenance) and makes all processes agree on
+  the step (`reached_preemption`); SIGUSR1 (SLURM `--signal=USR1@120`, sent to
+  every task) is agreed on by an all-gather at the log interval.
   """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: `#SBATCH --signal=USR1@120`
 
   def __init__(self):
     self.requested = False
     self._previous = {}
+    signals = (signal.SIGUSR1,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGUSR1)
     if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
@@ -175,11 +178,19 @@ class Checkpointer:
   def should_save(self, step, last_step):
     return step == last_step or (self.every > 0 and step % self.every == 0)
 
-  def stop_requested(self, step):
-    """True when this run must checkpoint now and exit (signal or multi-host preemption)."""
-    if self.preemption.requested:
+  def stop_requested(self, step, sync=False):
+    """True when this run must checkpoint now and exit (all processes agree on the step).
+
+    `sync`: also all-gather the signal flags (a host sync; call it at log intervals).
+    """
+    if jax.process_count() == 1:
+      return self.preemption.requested
+    if self.mgr.reached_preemption(step):
       return True
-    return jax.process_count() > 1 and self.mgr.reached_preemption(step)
+    if sync:
+      flags = multihost_utils.process_allgather(np.int32(self.preemption.requested))
+      return bool(np.any(flags))
+    return False
 
   def save(self, step, state, meta):
     """Start an async save of `state` (TrainState) at `step`; returns at once."""

@@ -248,7 +248,8 @@ def train_and_evaluate(config, workdir, restore_from=None):
     state, metrics = compiled(state, static, batch)
     pending.append(metrics)
     step += 1
-    stop = ckpt.stop_requested(step) or (stop_after and step - start_step >= stop_after)
+    stop = (ckpt.stop_requested(step, sync=step % config.log_every == 0)
+            or (stop_after and step - start_step >= stop_after))
     if step % config.log_every == 0 or step == total_steps or stop:
       # One host sync per log interval, not per step.
       averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}

@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -22,18 +23,21 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_checkpoint_once_and_restore(tmp_path):
+def _launch(workdir, *flags):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, "-m", "mae_jax.main", f"--config=configs/tiny.py:{TINY_ARGS}",
-       f"--workdir={tmp_path}", "--multihost", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}", "--config.total_steps=6",
-       "--config.warmup_steps=2", "--config.log_every=2", "--config.batch_size=16",
-       "--config.mesh.fsdp=2", "--config.image_every=-1"],
+       f"--workdir={workdir}", "--multihost", f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}", "--config.warmup_steps=2",
+       "--config.batch_size=16", "--config.mesh.fsdp=2", "--config.image_every=-1", *flags],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
+
+
+def test_two_processes_train_checkpoint_once_and_restore(tmp_path):
+  procs = _launch(tmp_path, "--config.total_steps=6", "--config.log_every=2")
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
@@ -54,3 +58,23 @@ def test_two_processes_train_checkpoint_once_and_restore(tmp_path):
   images = input_pipeline.preview_images(2, 32)
   loss = float(loaded.loss(images, noise=np.random.default_rng(0).random((2, 16), np.float32)))
   assert np.isfinite(loss) and loaded.step == 6
+
+
+def test_two_processes_agree_on_the_stop_step_after_sigusr1(tmp_path):
+  """SLURM's --signal=USR1 reaches every task; all processes stop at the same step."""
+  procs = _launch(tmp_path, "--config.total_steps=100000", "--config.log_every=5",
+                  "--config.checkpoint.every_steps=100000")
+  seen = []
+  while not any("step 10/100000" in line for line in seen):
+    line = procs[0].stdout.readline()
+    assert line or procs[0].poll() is None, "".join(seen[-30:])
+    seen.append(line)
+  for p in procs:
+    p.send_signal(signal.SIGUSR1)
+  outs = ["".join(seen) + procs[0].communicate(timeout=300)[0],
+          procs[1].communicate(timeout=300)[0]]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
+  step = checkpointing.latest_step(tmp_path)
+  assert step is not None and step >= 10 and step % 5 == 0  # agreed at a log interval
+  assert f"stopping at step {step} (signal)" in outs[0]
