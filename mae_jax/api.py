@@ -5,7 +5,7 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from mae_jax import checkpointing, patches
+from mae_jax import checkpointing, losses, patches
 from mae_jax import model as model_lib
 
 
@@ -35,10 +35,7 @@ class Pretrained:
     _, pred, mask = model(images, noise=noise)
     mc = model.config
     if mc.norm_pix_loss:  # back to pixels with each patch's own statistics
-      target = patches.patchify(images, mc.patch_size)
-      mean = target.mean(-1, keepdims=True)
-      std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
-      pred = pred * std + mean
+      pred = losses.denormalize_patches(pred, patches.patchify(images, mc.patch_size))
     return patches.unpatchify(pred, mc.patch_size, mc.grid, mc.in_chans), mask
 
   def loss(self, images, noise=None, key=None, mask_ratio=None):

@@ -5,11 +5,23 @@ import jax.numpy as jnp
 NORM_PIX_EPS = 1e-6
 
 
-def normalize_patches(target):
-  """Per-patch (t - mean) / sqrt(var + 1e-6), var unbiased (n - 1), as torch `.var()`."""
+def patch_stats(target):
+  """Per-patch (mean, sqrt(var + 1e-6)) over the last axis, var unbiased (n - 1) as torch `.var()`."""
   mean = target.mean(axis=-1, keepdims=True)
   var = target.var(axis=-1, keepdims=True, ddof=1)
-  return (target - mean) / jnp.sqrt(var + NORM_PIX_EPS)
+  return mean, jnp.sqrt(var + NORM_PIX_EPS)
+
+
+def normalize_patches(target):
+  """The norm-pix target: each patch as (t - mean) / sqrt(var + 1e-6)."""
+  mean, std = patch_stats(target)
+  return (target - mean) / std
+
+
+def denormalize_patches(pred, target):
+  """Norm-pix predictions back to pixels with each target patch's own statistics."""
+  mean, std = patch_stats(target)
+  return pred * std + mean
 
 
 def mae_loss(pred, target, mask, norm_pix_loss=True):

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import checkpointing, imaging, input_pipeline, optim, patches, sharding
+from mae_jax import api, checkpointing, imaging, input_pipeline, optim, patches, sharding
 from mae_jax import summaries, visualize
 from mae_jax import model as model_lib
 
@@ -160,14 +160,15 @@ def build(config, mesh, total_steps, warmup_steps):
       in_shardings=(state_sh, static_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   init_fn = jax.jit(lambda: _init(config, tx), out_shardings=(state_sh, static_sh))
+  # On restore only the small fixed part is built: no throw-away copy of params + moments.
+  init_static = jax.jit(lambda: _init(config, tx)[1], out_shardings=static_sh)
   return types.SimpleNamespace(tx=tx, graphdef=graphdef, abstract_state=abstract_state,
                                state_sh=state_sh, static_sh=static_sh, step_fn=step_fn,
-                               init_fn=init_fn)
+                               init_fn=init_fn, init_static=init_static)
 
 
 def _restore_or_init(built, ckpt, restore_from):
   """(state, static, data position, start step): resume, restore from a path, or initialise."""
-  state, static = built.init_fn()
   target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
   step = ckpt.latest_step()
   if step is not None:
@@ -175,23 +176,15 @@ def _restore_or_init(built, ckpt, restore_from):
     params, opt_state, meta = ckpt.restore(step, target)
   elif restore_from:
     restored, step = checkpointing.restore(
-        *_split_restore_path(restore_from), params=target.params, opt_state=target.opt_state)
+        *api.resolve_checkpoint(restore_from), params=target.params, opt_state=target.opt_state)
     log.info("restored step %d from %s", step, restore_from)
     params, opt_state, meta = restored["params"], restored["opt_state"], restored["meta"]
   else:
+    state, static = built.init_fn()
     return state, static, None, 0
   state = TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step), params=params,
                      opt_state=opt_state)
-  return state, static, meta.get("data"), step
-
-
-def _split_restore_path(path):
-  """--restore accepts a workdir or one step directory `<workdir>/checkpoints/<step>`."""
-  path = os.path.abspath(os.fspath(path))
-  parent, name = os.path.split(path)
-  if os.path.basename(parent) == checkpointing.CHECKPOINT_DIR and name.isdigit():
-    return os.path.dirname(parent), int(name)
-  return path, None
+  return state, built.init_static(), meta.get("data"), step
 
 
 def train_and_evaluate(config, workdir, restore_from=None):

@@ -32,9 +32,7 @@ def reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss):
   channels = images.shape[-1]
   target = patches.patchify(images, patch_size)
   if norm_pix_loss:
-    mean = target.mean(-1, keepdims=True)
-    std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + losses.NORM_PIX_EPS)
-    pred = pred * std + mean
+    pred = losses.denormalize_patches(pred, target)
   removed = jnp.asarray(mask)[:, :, None] > 0
   gray = ((MASKED_GRAY - imaging.IMAGENET_MEAN) / imaging.IMAGENET_STD)
   gray_patches = jnp.tile(jnp.asarray(gray), patch_size * patch_size)

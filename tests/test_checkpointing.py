@@ -139,3 +139,15 @@ def test_kill9_during_async_save_keeps_previous_checkpoint(tmp_path):
   latest_after = checkpointing.latest_step(tmp_path)
   assert "resuming from" in out and latest_after >= latest + 2
   assert not [n for n in os.listdir(root) if "tmp" in n]  # the partial save was cleaned up
+
+
+def test_restore_flag_initialises_a_new_workdir(tmp_path, tiny_config):
+  source_state, _ = train.train_and_evaluate(_config(tiny_config, total=4), str(tmp_path / "a"))
+  with pytest.raises(FileNotFoundError, match="neither a workdir"):
+    train.train_and_evaluate(_config(tiny_config, total=6), str(tmp_path / "b"),
+                             restore_from=str(tmp_path))
+  state, history = train.train_and_evaluate(_config(tiny_config, total=6), str(tmp_path / "b"),
+                                            restore_from=str(tmp_path / "a" / "checkpoints" / "4"))
+  assert [s for s, _ in history] == [5, 6]  # continued from step 4 of the other run
+  assert checkpointing.latest_step(tmp_path / "a") == 4  # the source is left alone
+  assert not np.array_equal(_params(state)[0], _params(source_state)[0])
