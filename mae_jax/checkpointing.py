@@ -99,7 +99,7 @@ def _shape_tree(tree):
 
 def check_compatible(mgr, step, name, abstract):
   """Clear error naming the first parameter whose saved shape differs from the model's."""
-  metadata = ocp.StandardCheckpointer().metadata(mgr.directory / str(step) / name)
+  metadata = ocp.StandardCheckpointHandler().metadata(mgr.directory / str(step) / name)
   saved = _shape_tree(getattr(metadata, "item_metadata", metadata))
   wanted = _shape_tree(abstract)
   for key in sorted(set(saved) | set(wanted)):
