@@ -73,13 +73,6 @@ def _init(config, tx):
   return state, Static(rest=rest, mask_key=_mask_key(config.seed))
 
 
-def create_train_state(config, tx):
-  """(graphdef, static, state) for a freshly initialised model on the default device."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.MAE(config.model, rngs=nnx.Rngs(0))))
-  state, static = _init(config, tx)
-  return graphdef, static, state
-
-
 def sharded_setup(config, tx, mesh):
   """(graphdef, abstract state, state shardings, static shardings) on `mesh`, nothing allocated."""
   model = nnx.eval_shape(lambda: model_lib.MAE(config.model, rngs=nnx.Rngs(0)))

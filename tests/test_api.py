@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import mae_jax
-from mae_jax import api, input_pipeline, train
+from mae_jax import api, input_pipeline, sharding, train
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +17,17 @@ def trained(tmp_path_factory, request):
   config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
                       decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
   config.total_steps, config.warmup_steps, config.log_every, config.num_preview_images = 6, 2, 3, 2
+  config.mesh.data = 1
   workdir = tmp_path_factory.mktemp("trained")
   state, _ = train.train_and_evaluate(config, str(workdir))
   return workdir, config, state
 
 
 def _reference_model(config, state):
-  tx, _ = train.make_optimizer(config, 6, 2)
-  graphdef, static, _ = train.create_train_state(config, tx)
-  return nnx.merge(graphdef, state.params, static.rest)
+  mesh = sharding.make_mesh(config.mesh)
+  built = train.build(config, mesh, 6, 2)
+  _, static = built.init_fn()
+  return nnx.merge(built.graphdef, state.params, static.rest)
 
 
 def test_load_reproduces_training_loss(trained):
