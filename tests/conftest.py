@@ -41,8 +41,8 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory):
-  """A workdir with a tiny MAE pre-trained for a few steps (seconds): checkpoints/6/."""
+def trained_run(tmp_path_factory):
+  """(workdir, config, final state) of a tiny MAE pre-trained for 6 steps (seconds)."""
   from mae_jax import train  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
@@ -50,8 +50,14 @@ def trained_workdir(tmp_path_factory):
   config.total_steps, config.warmup_steps, config.log_every, config.num_preview_images = 6, 2, 3, 2
   config.mesh.data = 1
   workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
+  state, _ = train.train_and_evaluate(config, str(workdir))
+  return workdir, config, state
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(trained_run):
+  """A workdir with a tiny MAE pre-trained for a few steps: checkpoints/6/."""
+  return trained_run[0]
 
 
 def write_pth(path, state_dict, wrap=True):

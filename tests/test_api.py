@@ -10,17 +10,9 @@ import mae_jax
 from mae_jax import api, input_pipeline, sharding, train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, request):
-  from configs import tiny
-  config = tiny.get_config()
-  config.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
-                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
-  config.total_steps, config.warmup_steps, config.log_every, config.num_preview_images = 6, 2, 3, 2
-  config.mesh.data = 1
-  workdir = tmp_path_factory.mktemp("trained")
-  state, _ = train.train_and_evaluate(config, str(workdir))
-  return workdir, config, state
+@pytest.fixture
+def trained(trained_run):
+  return trained_run
 
 
 def _reference_model(config, state):
