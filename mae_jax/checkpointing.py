@@ -197,15 +197,6 @@ class Checkpointer:
     self.mgr.save(step, args=_save_args(state.params, state.opt_state,
                                         dict(meta, step=int(step)), self.config), force=True)
 
-  def restore(self, step, abstract_state):
-    """(state with the shardings of `abstract_state`, meta) from `step`."""
-    check_compatible(self.mgr, step, "params", abstract_state.params)
-    out = self.mgr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.params),
-        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-        meta=ocp.args.JsonRestore()))
-    return out["params"], out["opt_state"], out["meta"]
-
   def close(self):
     self.mgr.wait_until_finished()
     self.mgr.close()

@@ -160,24 +160,23 @@ def build(config, mesh, total_steps, warmup_steps):
                                init_fn=init_fn, init_static=init_static)
 
 
-def _restore_or_init(built, ckpt, restore_from):
+def _restore_or_init(built, workdir, ckpt, restore_from):
   """(state, static, data position, start step): resume, restore from a path, or initialise."""
-  target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
   step = ckpt.latest_step()
   if step is not None:
-    log.info("resuming from %s/%d", ckpt.directory, step)
-    params, opt_state, meta = ckpt.restore(step, target)
+    source = (workdir, step)
   elif restore_from:
-    restored, step = checkpointing.restore(
-        *api.resolve_checkpoint(restore_from), params=target.params, opt_state=target.opt_state)
-    log.info("restored step %d from %s", step, restore_from)
-    params, opt_state, meta = restored["params"], restored["opt_state"], restored["meta"]
+    source = api.resolve_checkpoint(restore_from)
   else:
     state, static = built.init_fn()
     return state, static, None, 0
-  state = TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step), params=params,
-                     opt_state=opt_state)
-  return state, built.init_static(), meta.get("data"), step
+  target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
+  restored, step = checkpointing.restore(*source, params=target.params,
+                                         opt_state=target.opt_state)
+  log.info("resuming from %s/%d", checkpointing.checkpoint_root(source[0]), step)
+  state = TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step),
+                     params=restored["params"], opt_state=restored["opt_state"])
+  return state, built.init_static(), restored["meta"].get("data"), step
 
 
 def train_and_evaluate(config, workdir, restore_from=None):
@@ -193,7 +192,7 @@ def train_and_evaluate(config, workdir, restore_from=None):
   built = build(config, mesh, total_steps, warmup_steps)
   graphdef = built.graphdef
   ckpt = checkpointing.Checkpointer(workdir, config)
-  state, static, data_state, start_step = _restore_or_init(built, ckpt, restore_from)
+  state, static, data_state, start_step = _restore_or_init(built, workdir, ckpt, restore_from)
   if start_step >= total_steps:
     log.info("%s already holds the final step %d; nothing to do", ckpt.directory, start_step)
     ckpt.close()
