@@ -25,7 +25,7 @@ class Pretrained:
   def encode(self, images):
     """Encoder features of ALL patches, no masking: (B, 1 + L, D), cls token first."""
     self.model.check_images(images)
-    return _encode_all(self.model, jnp.asarray(images))
+    return self.model.encode(jnp.asarray(images))
 
   def reconstruct(self, images, mask_ratio=None, key=None, sampler=None):
     """(reconstructed images (B, H, W, C) in the input's normalisation, mask (B, L))."""
@@ -42,11 +42,6 @@ class Pretrained:
     """The pre-training loss for `images` with the given noise (or a key)."""
     model = model_lib.with_mask_ratio(self.model, mask_ratio)
     return model(jnp.asarray(images), noise=noise, key=key)[0]
-
-
-def _encode_all(model, images):
-  x = model.embed(images)
-  return model.encoder(x)
 
 
 def resolve_checkpoint(path_or_workdir, step=None):

@@ -54,7 +54,7 @@ def make_encoder(model, pool):
   @jax.jit
   def encode(state, images):
     model = nnx.merge(graphdef, state)
-    return pool_tokens(model.encoder(model.embed(images)), pool)
+    return pool_tokens(model.encode(images), pool)
 
   return lambda images: encode(state, jnp.asarray(images))
 

@@ -237,6 +237,10 @@ class MAE(nnx.Module):
       x = block(x)
     return self.norm(x)
 
+  def encode(self, images):
+    """Encoder features of ALL patches, no masking: (B, H, W, C) -> (B, 1 + L, D)."""
+    return self.encoder(self.embed(images))
+
   def encode_masked(self, images, masking):
     """Encoder features of the visible patches (or all, with mask tokens in the encoder)."""
     x = self.embed(images)  # (B, L, D)
