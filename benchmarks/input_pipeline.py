@@ -27,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 from configs import base  # noqa: E402
-from mae_jax import input_pipeline as ip  # noqa: E402
+from mae_jax import data as ip  # noqa: E402
+from mae_jax.data import transforms  # noqa: E402
 
 VIT_L_GFLOP_PER_IMAGE = 124.5  # SPEC.md: fwd + bwd, 224 px, mask 0.75
 CHIPS_BF16_TFLOPS = {"H100 SXM": 989.0, "TPU v5p": 459.0}  # dense bf16 peak per chip
@@ -61,7 +62,7 @@ def _tar_add(tar, name, data):
 
 def write_sources(root, jpegs, classes=10):
   """An image folder root/folder/<class>/ and an imagenet2012 manual_dir root/manual/."""
-  tf, tfds = ip._tf()
+  tf, tfds = transforms.tf_modules()
   labels = os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012", "labels.txt")
   with open(labels) as f:
     synsets = f.read().split()[:classes]  # the builder accepts only real synsets
@@ -116,7 +117,7 @@ def main():
                        data_dir=os.path.join(root, "tfds"),
                        manual_dir=os.path.join(root, "manual"))
     ip.check_data(config)
-  ip._tf()[1].disable_progress_bar()
+  transforms.tf_modules()[1].disable_progress_bar()
   if "imagenet2012" in configs:  # prepare before the table: TFDS prints while preparing
     ip.tfds_builder(configs["imagenet2012"].data, prepare=True)
   cores = os.cpu_count()

@@ -10,12 +10,10 @@ TensorFlow), so it also runs on the GPU machines.
 """
 
 import argparse
-import functools
 import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import base

@@ -3,10 +3,12 @@
 import os
 
 import jax.numpy as jnp
-from flax import nnx
 
 from mae_jax import checkpointing, losses, patches
 from mae_jax import model as model_lib
+from mae_jax.weights import hf, keys
+from mae_jax.weights import load as weights_load
+from mae_jax.weights import workdir as workdir_lib
 
 
 class Pretrained:
@@ -44,20 +46,7 @@ class Pretrained:
     return model(jnp.asarray(images), noise=noise, key=key)[0]
 
 
-def resolve_checkpoint(path_or_workdir, step=None):
-  """(workdir, step) from a workdir, its checkpoints/ folder or one step's folder."""
-  path = os.path.abspath(os.fspath(path_or_workdir))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint directory at {path}")
-  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_DIR)):
-    return path, step
-  parent, name = os.path.split(path)
-  if os.path.basename(parent) == checkpointing.CHECKPOINT_DIR and name.isdigit():
-    return os.path.dirname(parent), int(name) if step is None else step
-  if os.path.basename(path) == checkpointing.CHECKPOINT_DIR:
-    return parent, step
-  raise FileNotFoundError(f"{path} is neither a workdir (with {checkpointing.CHECKPOINT_DIR}/) "
-                          f"nor a checkpoint step directory")
+resolve_checkpoint = checkpointing.resolve_checkpoint  # (workdir, step) of a checkpoint path
 
 
 def load(path_or_workdir, step=None):
@@ -65,9 +54,26 @@ def load(path_or_workdir, step=None):
 
   Needs no config files: the config saved beside the checkpoint defines the model.
   """
-  workdir, step = resolve_checkpoint(path_or_workdir, step)
-  meta, step = checkpointing.restore(workdir, step)
-  model = model_lib.MAE(meta["config"].model, rngs=nnx.Rngs(meta["config"].get("seed", 0)))
-  restored, _ = checkpointing.restore(workdir, step, params=nnx.state(model, nnx.Param))
-  nnx.update(model, restored["params"])
-  return Pretrained(model, meta["config"], step, meta["meta"])
+  model, config, step, meta = workdir_lib.restore_mae(path_or_workdir, step)
+  return Pretrained(model, config, step, meta)
+
+
+def load_any(path, *, step=None, require_decoder=False, **overrides):
+  """A `Pretrained` from one of our checkpoint directories or an official / HF weights file.
+
+  `overrides` are model fields a PyTorch file does not store (see `mae_jax.convert`).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n))
+                                     for n in hf.HF_WEIGHTS):
+    if require_decoder:
+      converted, _ = workdir_lib.converted_from(path, step)
+      if converted and not converted.get("decoder_from_file", True):
+        raise ValueError(
+            f"{path} was converted from {converted.get('file')}, "
+            f"{keys.KINDS[converted['kind']]}: its decoder is freshly initialised, so "
+            "reconstructions would be noise. Convert a file with the decoder (e.g. the "
+            "official mae_visualize_vit_large.pth)")
+    return load(path, step)
+  imported = weights_load.import_checkpoint(path, require_decoder=require_decoder, **overrides)
+  return Pretrained(imported.model, weights_load.full_config(imported.model.config))

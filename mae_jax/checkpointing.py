@@ -1,8 +1,10 @@
 """Orbax checkpoints: async saves, keep-last-K + milestones, auto-resume, preemption.
 
 Layout of `<workdir>/checkpoints/<step>/`: `params/` and `opt_state/` (Orbax
-pytrees), `meta/` (JSON: step, data iterator position, seed) and `config/`
-(JSON: the full training config, so `mae_jax.load` needs no config files).
+pytrees), `meta/` (JSON: step, data iterator position, seed), `config/`
+(JSON: the full training config, so `mae_jax.load` needs no config files) and
+any extra array items a caller adds (e.g. `extras/`: converted weights the MAE
+has no place for).
 Orbax writes each step into a temporary directory and renames it when complete,
 so a save cut short (kill -9, preemption) is never mistaken for a checkpoint.
 Paths may be local or `gs://...` (tensorstore).
@@ -45,24 +47,30 @@ def manager(workdir, *, max_to_keep=3, keep_period=None, async_save=False, creat
           enable_async_checkpointing=async_save, cleanup_tmp_directories=writer))
 
 
-def _save_args(params, opt_state, meta, config):
+def _save_args(params, opt_state, meta, config, extra_items=None):
   items = dict(params=ocp.args.StandardSave(params),
                meta=ocp.args.JsonSave(meta),
                config=ocp.args.JsonSave(config.to_dict()))
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
+  for name, tree in (extra_items or {}).items():
+    if name in items:
+      raise ValueError(f"extra checkpoint item {name!r} clashes with a standard item")
+    items[name] = ocp.args.StandardSave(tree)
   return ocp.args.Composite(**items)
 
 
-def save(workdir, step, params, opt_state, meta, config):
+def save(workdir, step, params, opt_state, meta, config, **extra_items):
   """Save one step and block until its commit is complete; returns the step directory.
 
   `opt_state` may be None (e.g. weights converted from PyTorch): then only the
-  params can be restored, which is all `mae_jax.load` needs.
+  params can be restored, which is all `mae_jax.load` needs. Each of
+  `extra_items` (a pytree of arrays) becomes an item of its own in the step
+  directory; `restore_arrays` reads it back.
   """
   mgr = manager(workdir)
-  mgr.save(step, args=_save_args(params, opt_state, dict(meta, step=int(step)), config),
-           force=True)
+  mgr.save(step, args=_save_args(params, opt_state, dict(meta, step=int(step)), config,
+                                 extra_items), force=True)
   mgr.wait_until_finished()
   mgr.close()
   return os.path.join(checkpoint_root(workdir), str(step))
@@ -82,6 +90,22 @@ def _existing_step(mgr, workdir, step):
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {mgr.directory}; have {steps}")
   return step
+
+
+def resolve_checkpoint(path_or_workdir, step=None):
+  """(workdir, step) from a workdir, its checkpoints/ folder or one step's folder."""
+  path = os.path.abspath(os.fspath(path_or_workdir))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint directory at {path}")
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    return path, step
+  parent, name = os.path.split(path)
+  if os.path.basename(parent) == CHECKPOINT_DIR and name.isdigit():
+    return os.path.dirname(parent), int(name) if step is None else step
+  if os.path.basename(path) == CHECKPOINT_DIR:
+    return parent, step
+  raise FileNotFoundError(f"{path} is neither a workdir (with {CHECKPOINT_DIR}/) "
+                          f"nor a checkpoint step directory")
 
 
 def _shape_tree(tree):
@@ -128,6 +152,22 @@ def restore(workdir, step=None, **abstract_items):
   out["config"] = ml_collections.ConfigDict(out["config"])
   mgr.close()
   return out, step
+
+
+def restore_arrays(workdir, step, name):
+  """The pytree item `name` of a step as numpy arrays in their saved dtypes; None if absent."""
+  mgr = manager(workdir, create=False)
+  step = _existing_step(mgr, workdir, step)
+  path = mgr.directory / str(step) / name
+  if not path.exists():
+    mgr.close()
+    return None
+  metadata = ocp.StandardCheckpointHandler().metadata(path)
+  tree = getattr(metadata, "tree", metadata)
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+  out = mgr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(target)}))
+  mgr.close()
+  return out[name]
 
 
 class Preemption:

@@ -9,15 +9,14 @@ of the patch tokens (cls excluded), both after the encoder's final LayerNorm.
 
 import argparse
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
-from mae_jax import convert, imaging
+from mae_jax import atomic, cli, imaging
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 POOLS = ("cls", "mean")
@@ -59,30 +58,12 @@ def make_encoder(model, pool):
   return lambda images: encode(state, jnp.asarray(images))
 
 
-class Progress:
-  """A one-line progress bar on a terminal, else a line every ~10%."""
-
-  def __init__(self, total, stream=sys.stderr):
-    self.total, self.stream, self.start = total, stream, time.perf_counter()
-    self.tty, self.next_line = stream.isatty(), 0
-
-  def update(self, done):
-    rate = done / max(time.perf_counter() - self.start, 1e-9)
-    width = 30
-    bar = "#" * (width * done // self.total)
-    text = f"{done}/{self.total} images [{bar:<{width}}] {rate:.1f} img/s"
-    if self.tty:
-      self.stream.write("\r" + text + ("\n" if done == self.total else ""))
-    elif done >= self.next_line or done == self.total:
-      self.stream.write(text + "\n")
-      self.next_line = done + max(1, self.total // 10)
-    self.stream.flush()
-
-
 def extract(model, paths, *, pool="cls", batch_size=64, progress=True):
   """Features (N, D) float32 of image files; every batch is padded to `batch_size`."""
   encode = make_encoder(model, pool)
-  bar = Progress(len(paths)) if progress else None
+  bar = tqdm.tqdm(total=len(paths), disable=not progress, unit="img", dynamic_ncols=True,
+                  bar_format="{n_fmt}/{total_fmt} images |{bar}| {elapsed}<{remaining}, "
+                             "{rate_fmt}")
   out = []
   for start in range(0, len(paths), batch_size):
     images = imaging.load_batch(paths[start:start + batch_size], model.config.img_size)
@@ -91,8 +72,8 @@ def extract(model, paths, *, pool="cls", batch_size=64, progress=True):
       images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:],
                                                 images.dtype)])
     out.append(np.asarray(encode(images))[:count])
-    if bar:
-      bar.update(start + count)
+    bar.update(count)
+  bar.close()
   return np.concatenate(out)
 
 
@@ -103,10 +84,11 @@ def paths_file(out):
 
 
 def main(argv=None):
+  """Write --out (features) and its paths file; returns (features, names)."""
   parser = argparse.ArgumentParser(
       prog="python -m mae_jax.features",
       description="Encoder features (no masking) of every image under a folder, to .npy.")
-  convert.add_checkpoint_flags(
+  cli.add_checkpoint_flags(
       parser, "an official / HF file (encoder-only and fine-tuned files work)")
   parser.add_argument("--images_dir", required=True, help="folder searched recursively")
   parser.add_argument("--out", default="features.npy",
@@ -118,13 +100,13 @@ def main(argv=None):
   if args.batch_size < 1:
     raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
   names = list_images(args.images_dir)
-  loaded = convert.load_from_flags(args)
+  loaded = cli.load_from_flags(args)
   feats = extract(loaded.model, [os.path.join(args.images_dir, n) for n in names],
                   pool=args.pool, batch_size=args.batch_size)
-  with convert.AtomicOutput(args.out, overwrite=True, is_dir=False) as tmp:
+  with atomic.AtomicOutput(args.out, overwrite=True, is_dir=False) as tmp:
     with open(tmp, "wb") as f:
       np.save(f, feats)
-    with convert.AtomicOutput(paths_file(args.out), overwrite=True, is_dir=False) as tmp_paths:
+    with atomic.AtomicOutput(paths_file(args.out), overwrite=True, is_dir=False) as tmp_paths:
       with open(tmp_paths, "w") as f:
         f.write("".join(n + "\n" for n in names))
   print(f"wrote {args.out} {feats.shape} ({args.pool} features) and {paths_file(args.out)}")
@@ -132,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  convert.run_cli(main, None)
+  cli.run_cli(main, None)

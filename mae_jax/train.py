@@ -18,8 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import api, checkpointing, imaging, input_pipeline, optim, patches, sharding
-from mae_jax import summaries, visualize
+from mae_jax import checkpointing, data, imaging, optim, patches, pictures, sharding, summaries
 from mae_jax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -166,7 +165,7 @@ def _restore_or_init(built, workdir, ckpt, restore_from):
   if step is not None:
     source = (workdir, step)
   elif restore_from:
-    source = api.resolve_checkpoint(restore_from)
+    source = checkpointing.resolve_checkpoint(restore_from)
   else:
     state, static = built.init_fn()
     return state, static, None, 0
@@ -184,7 +183,7 @@ def train_and_evaluate(config, workdir, restore_from=None):
   model_config = model_lib.model_config(config.model)  # validates before anything heavy
   total_steps, warmup_steps = schedule_steps(config)
   check_workdir(workdir)
-  log.info("data: %s", input_pipeline.check_data(config))  # clear errors before any compile
+  log.info("data: %s", data.check_data(config))  # clear errors before any compile
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   is_chief = jax.process_index() == 0
@@ -198,7 +197,7 @@ def train_and_evaluate(config, workdir, restore_from=None):
     ckpt.close()
     return state, []
 
-  batches = input_pipeline.create_pretrain_iterator(config, start_step=start_step)
+  batches = data.create_pretrain_iterator(config, start_step=start_step)
   if data_state is not None:
     batches.restore(data_state)
   local = next(batches)
@@ -269,10 +268,10 @@ def _write_picture(config, graphdef, state, static, writer, step, path):
   """Reconstructions of the preview photos to TensorBoard (and `path` if given)."""
   model = nnx.merge(graphdef, sharding.to_host(state.params), sharding.to_host(static.rest))
   size = model.config.img_size
-  picture = visualize.reconstruction_grid(
-      model, input_pipeline.preview_images(config.num_preview_images, size),
+  picture = pictures.reconstruction_grid(
+      model, data.preview_images(config.num_preview_images, size),
       key=jax.random.key(config.seed), scale=max(1, 224 // size))
   writer.image(step, "reconstructions", picture)
   if path and jax.process_index() == 0:
-    visualize.save_png(picture, path)
+    pictures.save_png(picture, path)
   return path

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import mae_jax
-from mae_jax import api, input_pipeline, sharding, train
+from mae_jax import api, sharding, train
+from mae_jax import data as mae_data
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def _reference_model(config, state):
 
 def test_load_reproduces_training_loss(trained):
   workdir, config, state = trained
-  images = input_pipeline.preview_images(3, 32)
+  images = mae_data.preview_images(3, 32)
   noise = np.random.default_rng(0).random((3, 16)).astype(np.float32)
   want = float(_reference_model(config, state)(images, noise=noise)[0])
   for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "6"):
@@ -35,7 +36,7 @@ def test_load_reproduces_training_loss(trained):
 
 def test_load_in_fresh_process(trained):
   workdir, config, state = trained
-  images = input_pipeline.preview_images(2, 32)
+  images = mae_data.preview_images(2, 32)
   noise = np.random.default_rng(1).random((2, 16)).astype(np.float32)
   want = float(_reference_model(config, state)(images, noise=noise)[0])
   np.save(workdir / "x.npy", images)
@@ -51,7 +52,7 @@ def test_load_in_fresh_process(trained):
 def test_encode_and_reconstruct(trained):
   workdir, _, _ = trained
   loaded = mae_jax.load(workdir)
-  images = input_pipeline.preview_images(2, 32)
+  images = mae_data.preview_images(2, 32)
   features = loaded.encode(images)
   assert features.shape == (2, 17, 32)
   np.testing.assert_allclose(loaded.encode(images), features)

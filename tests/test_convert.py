@@ -229,6 +229,54 @@ def test_finetuned_file_keeps_head_fc_norm_and_trained_table(tmp_path):
   _assert_bit_identical(_read_pth(tmp_path / "back.pth"), sd)
 
 
+_TINY_FLAGS = ["--num_heads=4", "--decoder_embed_dim=32", "--decoder_depth=1",
+               "--decoder_num_heads=4"]
+
+
+def _finetuned_file(tmp_path, seed):
+  """A fine-tuned official file (head, fc_norm, trained pos_embed) and its state dict."""
+  sd = random_official(official_shapes(32, 2, 8, 4, classes=10, fc_norm=True), seed=seed,
+                       sincos=False)
+  return write_pth(tmp_path / "ft.pth", sd), sd
+
+
+def test_finetuned_extras_are_a_checkpoint_item_not_a_side_file(tmp_path):
+  pytest.importorskip("torch")
+  pth, sd = _finetuned_file(tmp_path, seed=6)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # fresh decoder, trained table: tested above
+    convert.main(["--input", pth, "--output", str(tmp_path / "ours"), *_TINY_FLAGS])
+  assert os.listdir(tmp_path / "ours") == [checkpointing.CHECKPOINT_DIR]  # no side file
+  extras = checkpointing.restore_arrays(tmp_path / "ours", 0, convert.EXTRAS_ITEM)
+  assert sorted(extras) == ["fc_norm", "head", "pos_embed"]
+  np.testing.assert_array_equal(extras["head"]["weight"], sd["head.weight"])
+  assert checkpointing.restore_arrays(tmp_path / "ours", 0, "no_such_item") is None
+  convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back.pth")])
+  _assert_bit_identical(_read_pth(tmp_path / "back.pth"), sd)
+
+
+def test_workdir_with_legacy_extras_side_file_still_loads_and_exports(tmp_path):
+  # The layout `convert` wrote before extras became an item: step 0 without `extras/`,
+  # and the weights the MAE cannot hold in <workdir>/converted_extras.npz.
+  pytest.importorskip("torch")
+  pth, sd = _finetuned_file(tmp_path, seed=7)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    imported = convert.import_checkpoint(pth, num_heads=4, decoder_embed_dim=32,
+                                         decoder_depth=1, decoder_num_heads=4)
+  legacy = tmp_path / "legacy"
+  checkpointing.save(legacy, 0, nnx.state(imported.model, nnx.Param), None, imported.meta(),
+                     convert.full_config(imported.model.config))
+  np.savez(legacy / convert.LEGACY_EXTRAS_FILE, **imported.extras)
+  assert not (legacy / checkpointing.CHECKPOINT_DIR / "0" / convert.EXTRAS_ITEM).exists()
+  current = convert.save_imported(imported, tmp_path / "current")  # today's layout
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(mae_jax.load(legacy).encode(images),
+                                mae_jax.load(current).encode(images))
+  convert.main(["--input", str(legacy), "--output", str(tmp_path / "back.pth")])
+  _assert_bit_identical(_read_pth(tmp_path / "back.pth"), sd)
+
+
 def _cli_error(capsys, argv):
   with pytest.raises(SystemExit) as exit_info:
     convert.run_cli(convert.main, argv)

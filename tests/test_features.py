@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import mae_jax
-from mae_jax import features, imaging, input_pipeline
+from mae_jax import features, imaging
+from mae_jax import data as mae_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +20,7 @@ def images_dir(tmp_path_factory):
   """Five photos (png and jpg, one in a sub-folder) and a file that is not an image."""
   folder = tmp_path_factory.mktemp("photos")
   (folder / "sub").mkdir()
-  photos = input_pipeline.bundled_photos()
+  photos = mae_data.bundled_photos()
   names = ["a.png", "b.jpg", "c.png", "sub/d.jpg", "sub/e.png"]
   for i, name in enumerate(names):
     Image.fromarray(photos[i]).save(folder / name)

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 
 import mae_jax
-from mae_jax import checkpointing, input_pipeline
+from mae_jax import checkpointing
+from mae_jax import data as mae_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ("img_size=32,embed_dim=32,depth=2,num_heads=4,decoder_embed_dim=32,decoder_depth=1,"
@@ -55,7 +56,7 @@ def test_two_processes_train_checkpoint_once_and_restore(tmp_path):
   assert len(os.listdir(tmp_path / "tensorboard")) == 1
   assert checkpointing.latest_step(tmp_path) == 6
   loaded = mae_jax.load(tmp_path)
-  images = input_pipeline.preview_images(2, 32)
+  images = mae_data.preview_images(2, 32)
   loss = float(loaded.loss(images, noise=np.random.default_rng(0).random((2, 16), np.float32)))
   assert np.isfinite(loss) and loaded.step == 6
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mae_jax import input_pipeline, sharding, train
+from mae_jax import sharding, train
+from mae_jax import data as mae_data
 
 
 def test_mesh_shape_and_errors():
@@ -38,7 +39,7 @@ def test_batch_not_divisible_clear_error(tiny_config):
 def _run_steps(config, mesh, steps=2):
   built = train.build(config, mesh, total_steps=10, warmup_steps=2)
   state, static = built.init_fn()
-  batches = input_pipeline.create_pretrain_iterator(config)
+  batches = mae_data.create_pretrain_iterator(config)
   losses = []
   for _ in range(steps):
     state, metrics = built.step_fn(state, static, sharding.global_batch(next(batches), mesh))

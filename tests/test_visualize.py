@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_pth
-from mae_jax import convert, imaging, input_pipeline, visualize
+from mae_jax import cli, convert, imaging, visualize
+from mae_jax import data as mae_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMG, PATCH, GRID, GAP = 32, 8, 4, 2
@@ -17,11 +18,11 @@ IMG, PATCH, GRID, GAP = 32, 8, 4, 2
 
 def _photo_files(tmp_path):
   """Two bundled photos as files of different formats and sizes."""
-  photos = input_pipeline.bundled_photos()
+  photos = mae_data.bundled_photos()
   paths = [str(tmp_path / "chelsea.jpg"), str(tmp_path / "rocket.png")]
-  Image.fromarray(photos[input_pipeline.BUNDLED_PHOTOS.index("chelsea.png")]).save(paths[0],
+  Image.fromarray(photos[mae_data.BUNDLED_PHOTOS.index("chelsea.png")]).save(paths[0],
                                                                                    quality=95)
-  Image.fromarray(photos[input_pipeline.BUNDLED_PHOTOS.index("rocket.jpg")]).save(paths[1])
+  Image.fromarray(photos[mae_data.BUNDLED_PHOTOS.index("rocket.jpg")]).save(paths[1])
   return paths
 
 
@@ -68,7 +69,7 @@ def test_cli_png_visible_patches_equal_input(tmp_path, trained_workdir):
 
 def test_samplers_and_mask_ratio(trained_workdir):
   loaded = convert.load_any(trained_workdir, require_decoder=True)
-  images = input_pipeline.preview_images(2, IMG)
+  images = mae_data.preview_images(2, IMG)
   _, grid_mask = visualize.render(loaded.model, images, sampler="grid")
   kept = (grid_mask == 0).reshape(2, GRID, GRID)
   expected = np.zeros((GRID, GRID), bool)
@@ -92,7 +93,7 @@ def test_needs_a_decoder(tmp_path, trained_workdir, capsys):
   pth = write_pth(tmp_path / "finetuned.pth", finetuned)
   out = tmp_path / "grid.png"
   with pytest.raises(SystemExit):
-    convert.run_cli(visualize.main, [f"--checkpoint={pth}", f"--out={out}", "--num_heads=4"])
+    cli.run_cli(visualize.main, [f"--checkpoint={pth}", f"--out={out}", "--num_heads=4"])
   err = capsys.readouterr().err
   assert "finetuned.pth is a fine-tuned classifier (head / fc_norm, no MAE decoder)" in err
   assert "reconstructions need the MAE decoder" in err
@@ -114,6 +115,6 @@ def test_pth_with_decoder_works_directly(tmp_path, trained_workdir):
   picture, _ = visualize.main([f"--checkpoint={pth}", "--num_images=2", "--num_heads=4",
                                "--decoder_num_heads=4", "--scale=1",
                                f"--out={tmp_path / 'g.png'}"])
-  images = input_pipeline.preview_images(2, IMG)
+  images = mae_data.preview_images(2, IMG)
   want, _ = visualize.render(loaded.model, images)
   np.testing.assert_array_equal(picture, want)

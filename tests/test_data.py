@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mae_jax import imaging
-from mae_jax import input_pipeline as ip
+from mae_jax import data as ip
 
 
 def test_bundled_photos_are_real_rgb():

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from mae_jax import checkpointing, imaging, train
-from mae_jax import input_pipeline as ip
+from mae_jax import data as ip
+from mae_jax.data import transforms
 
-tf, tfds = ip._tf()
+tf, tfds = transforms.tf_modules()
 
 SYNSETS = ("n01440764", "n02105855", "n04596742")  # label ids 0, 230, 999 in labels.txt
 PER_CLASS = 3
@@ -203,8 +204,8 @@ def test_image_folder_decodes_gray_cmyk_png_and_skips_broken_files(tiny_config, 
 def test_crop_box_statistics_match_numpy_reference():
   def boxes(h, w, n, **kw):
     ds = tf.data.Dataset.range(n).map(
-        lambda i: tf.stack(ip._random_resized_box(tf, h, w, tf.stack([tf.constant(5, tf.int64), i]),
-                                                  **kw)))
+        lambda i: tf.stack(transforms.random_resized_box(
+            tf, h, w, tf.stack([tf.constant(5, tf.int64), i]), **kw)))
     return next(ds.batch(n).as_numpy_iterator())
 
   h, w = 300, 400
@@ -228,6 +229,49 @@ def test_crop_box_statistics_match_numpy_reference():
   assert abs(frac.mean() - 0.35) < 0.005 and abs(frac.std() - 0.3 / 12 ** 0.5) < 0.005
   assert abs(log_aspect.mean()) < 0.01
   assert abs(log_aspect.std() - 2 * np.log(4 / 3) / 12 ** 0.5) < 0.01
+
+
+class _TableRng:
+  """Hands the numpy sampler the TF sampler's (4, 10) uniforms, in the order it asks for them.
+
+  TF draws rows (area, log-aspect, top, left) x 10 tries at once; the numpy sampler draws
+  area and aspect per try, then top and left of the first crop that fits.
+  """
+
+  def __init__(self, u):
+    self.u, self.draws, self.positions = np.asarray(u, np.float64), 0, 0
+
+  def uniform(self, lo, hi):
+    value = lo + (hi - lo) * self.u[self.draws % 2, self.draws // 2]
+    self.draws += 1
+    return value
+
+  def integers(self, lo, hi):
+    row, attempt = 2 + self.positions, (self.draws - 1) // 2
+    self.positions += 1
+    return min(lo + int(np.floor(self.u[row, attempt] * (hi - lo))), hi - 1)
+
+
+def test_numpy_and_tf_crop_samplers_draw_the_same_boxes():
+  # One sampler's logic, two implementations (the bundled photos must not need TF): fed the
+  # same uniforms, both give the same box, over shapes where the ten tries mostly succeed,
+  # often fail (extreme aspect) and always fail (the centred fallback).
+  cases = [((300, 400), (0.2, 1.0)), ((224, 224), (0.08, 1.0)), ((40, 1000), (0.2, 1.0)),
+           ((1000, 50), (0.5, 1.0)), ((100, 400), (5.0, 5.0))]
+  ratio = (3 / 4, 4 / 3)
+  total, same, far = 0, 0, 0
+  for (h, w), scale in cases:
+    for i in range(300):
+      seed = tf.constant([11, i], tf.int64)
+      got = [int(v) for v in transforms.random_resized_box(tf, h, w, seed, scale, ratio)]
+      u = tf.random.stateless_uniform([4, 10], seed).numpy()
+      want = list(ip.random_resized_crop_box(_TableRng(u), h, w, scale, ratio))
+      total += 1
+      same += got == want
+      far += max(abs(a - b) for a, b in zip(got, want)) > 1
+  # float32 (TF) vs float64 (numpy) arithmetic may round a side length differently when a
+  # value lands within ~1e-5 of .5: at most a handful of 1-pixel differences.
+  assert far == 0 and same >= total - 3, (same, total, far)
 
 
 def test_flip_rate_bicubic_and_normalisation_against_numpy():

@@ -1,0 +1,213 @@
+"""Where examples come from: prepared TFDS datasets and image folders, one share per process.
+
+Each process reads its own contiguous part of the split (`tfds.even_splits`), so
+processes read disjoint examples that together cover the split. `check_data` validates
+`config.data` before anything is compiled.
+"""
+
+import logging
+import os
+
+import numpy as np
+
+from mae_jax.data.crops import CROPS
+from mae_jax.data.photos import BUNDLED, bundled_photos
+from mae_jax.data.transforms import tf_modules
+
+log = logging.getLogger(__name__)
+
+FOLDER = "image_folder"
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+IMAGENET_HOW_TO = (
+    "To prepare imagenet2012 (once, ~150 GB, hours): download ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar from https://image-net.org/download-images into a folder MANUAL, "
+    "then run `tfds build imagenet2012 --data_dir=DATA_DIR --manual_dir=MANUAL` (or set "
+    "--config.data.manual_dir=MANUAL and the first single-process run prepares it), and "
+    "train with --config.data.data_dir=DATA_DIR.")
+
+
+
+def process_range(count, process_index, process_count):
+  """[start, end) of `process_index`'s part of `count` items, like `tfds.even_splits`."""
+  base, extra = divmod(count, process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + (process_index < extra)
+
+
+
+def list_image_folder(root):
+  """(paths, labels, class names) of `root/<class>/<image>`, sorted; classes sorted by name."""
+  tf, _ = tf_modules()
+  expected = (f"expected a folder tree root/<class>/<image> with images ending in "
+              f"{', '.join(IMAGE_EXTENSIONS)}")
+  if not root:
+    raise ValueError(f"config.data.dataset={FOLDER!r} needs config.data.folder; {expected}")
+  if not tf.io.gfile.isdir(root):
+    raise FileNotFoundError(f"config.data.folder={root} does not exist or is not a folder; "
+                            f"{expected}")
+  classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(os.path.join(root, d)))
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    for file in sorted(tf.io.gfile.listdir(os.path.join(root, name))):
+      if file.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(root, name, file))
+        labels.append(label)
+  if not paths:
+    raise FileNotFoundError(f"config.data.folder={root} holds no images ({len(classes)} class "
+                            f"folders found); {expected}")
+  return paths, labels, classes
+
+
+class FolderSource:
+  """This process's share of an image folder; each epoch a full permutation of it."""
+
+  def __init__(self, root, process_index, process_count):
+    self.root = root
+    paths, labels, self.classes = list_image_folder(root)
+    start, end = process_range(len(paths), process_index, process_count)
+    self.paths, self.labels = np.array(paths[start:end]), np.array(labels[start:end], np.int64)
+    self.num_examples = end - start
+    self.total_examples = len(paths)
+
+  def records(self, epoch_seed, shuffle=True):
+    """(path, label) dataset in epoch order; `load` turns a path into encoded bytes."""
+    tf, _ = tf_modules()
+    order = (np.random.default_rng(epoch_seed).permutation(self.num_examples) if shuffle
+             else np.arange(self.num_examples))
+    return tf.data.Dataset.from_tensor_slices((self.paths[order], self.labels[order]))
+
+  def load(self, payload):
+    return tf_modules()[0].io.read_file(payload)
+
+  def describe(self):
+    return f"image folder {self.root}"
+
+
+class TfdsSource:
+  """This process's share (`tfds.even_splits`) of a prepared TFDS split, images left encoded."""
+
+  def __init__(self, data, split, process_index, process_count, *, prepare=True):
+    _, tfds = tf_modules()
+    self.builder = tfds_builder(data, prepare=prepare and process_count == 1)
+    if not self.builder.is_prepared():  # several processes must not prepare one data_dir
+      raise FileNotFoundError(f"{data.dataset} is not prepared in {self.builder.data_dir} and "
+                              f"{process_count} processes cannot prepare it together; prepare "
+                              f"it first. {IMAGENET_HOW_TO}")
+    _check_split(self.builder, split, data)
+    self.split = tfds.even_splits(split, n=process_count)[process_index]
+    self.num_examples = self.builder.info.splits[self.split].num_examples
+    self.total_examples = self.builder.info.splits[split].num_examples
+    self.image_key, self.label_key = self.builder.info.supervised_keys or ("image", "label")
+    self.shuffle_buffer = data.shuffle_buffer
+
+  def records(self, epoch_seed, shuffle=True):
+    """(encoded image, label) dataset in epoch order: files shuffled, then a shuffle buffer."""
+    tf, tfds = tf_modules()
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config = tfds.ReadConfig(shuffle_seed=epoch_seed, try_autocache=False,
+                                  skip_prefetch=True, options=options)
+    ds = self.builder.as_dataset(split=self.split, shuffle_files=shuffle, read_config=read_config,
+                                 decoders={self.image_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: (ex[self.image_key], tf.cast(ex[self.label_key], tf.int64)))
+    if shuffle and self.shuffle_buffer > 1:
+      ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed)
+    return ds
+
+  def load(self, payload):
+    return payload
+
+  def describe(self):
+    return f"{self.builder.name} {self.split} ({self.builder.data_dir})"
+
+
+def tfds_builder(data, *, prepare=False):
+  """The TFDS builder for `data.dataset`, prepared; one clear error if it cannot be."""
+  tf, tfds = tf_modules()
+  name, data_dir, manual_dir = data.dataset, data.data_dir, data.manual_dir
+  how = IMAGENET_HOW_TO if name.startswith("imagenet2012") else (
+      f"Prepare it on a machine with internet: `tfds build {name} --data_dir=DATA_DIR`, "
+      f"then set --config.data.data_dir=DATA_DIR.")
+  if data_dir and not tf.io.gfile.isdir(data_dir) and not manual_dir:
+    raise FileNotFoundError(f"config.data.data_dir={data_dir} does not exist; expected a TFDS "
+                            f"data_dir holding a prepared {name}. {how}")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.data.dataset={name!r} is unknown: expected {BUNDLED!r}, "
+                     f"{FOLDER!r} (with config.data.folder) or a TFDS image classification "
+                     f"dataset such as 'imagenet2012', 'imagenette', "
+                     f"'imagenet2012_subset/1pct' ({str(e).splitlines()[0]})") from None
+  if builder.is_prepared():
+    return builder
+  where = f"{builder.data_dir} (from config.data.data_dir={data_dir or '<TFDS default>'})"
+  if not manual_dir:
+    raise FileNotFoundError(f"{name} is not prepared: no dataset_info.json in {where}. {how}")
+  _check_manual_dir(name, manual_dir)
+  if not prepare:
+    return builder
+  log.info("preparing %s from manual_dir=%s into %s (once)", name, manual_dir, builder.data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def _check_manual_dir(name, manual_dir):
+  tf, _ = tf_modules()
+  needed = (["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+            if name.startswith("imagenet2012") else [])
+  present = tf.io.gfile.isdir(manual_dir) and set(tf.io.gfile.listdir(manual_dir))
+  missing = [f for f in needed if not present or f not in present]
+  if not present or missing:
+    raise FileNotFoundError(f"config.data.manual_dir={manual_dir} lacks {missing or 'files'}: "
+                            f"expected the manually downloaded archives of {name}. "
+                            + (IMAGENET_HOW_TO if needed else ""))
+
+
+def _check_split(builder, split, data):
+  for part in split.split("+"):
+    if builder.info.splits and part.split("[")[0].strip() not in builder.info.splits:
+      raise ValueError(f"config.data split {split!r} is not in {data.dataset} (data_dir="
+                       f"{builder.data_dir}); it has {sorted(builder.info.splits)}")
+
+
+def make_source(config, split, process_index, process_count, *, prepare=True):
+  data = config.data
+  if data.dataset == FOLDER:
+    return FolderSource(data.folder, process_index, process_count)
+  return TfdsSource(data, split, process_index, process_count, prepare=prepare)
+
+
+def check_data(config):
+  """Validate `config.data` before anything is compiled; one clear error naming what is wrong.
+
+  Checks the crop mode and image size, that the folder holds images, or that the TFDS
+  dataset exists and is prepared (or can be prepared from `data.manual_dir`) and has the
+  split. Returns a one-line description of the source.
+  """
+  data = config.data
+  if data.crop not in CROPS:
+    raise ValueError(f"config.data.crop={data.crop!r}: expected one of {CROPS}")
+  image_size(config)
+  if data.dataset == BUNDLED:
+    return f"{len(bundled_photos())} bundled photos"
+  if data.dataset == FOLDER:
+    paths, _, classes = list_image_folder(data.folder)
+    return f"{len(paths)} images in {len(classes)} classes under {data.folder}"
+  builder = tfds_builder(data)
+  if not builder.is_prepared():
+    return f"{data.dataset}, to be prepared from {data.manual_dir} into {builder.data_dir}"
+  _check_split(builder, data.split, data)
+  return f"{data.dataset} {data.split}: {builder.info.splits[data.split].num_examples} examples"
+
+
+
+def image_size(config):
+  size = config.model.img_size
+  if not isinstance(size, int):
+    raise ValueError(f"the input pipelines make square crops; config.model.img_size="
+                     f"{size} must be an int")
+  return size
