@@ -1,10 +1,20 @@
 """Shared fixtures: 8 fake CPU devices, tiny model configs, an official-formula numpy reference."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Before jax is imported anywhere: 8 CPU devices for the mesh tests (child processes inherit it).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# Many tests (and their subprocesses) compile the same tiny train step: one persistent XLA
+# cache for this run turns the repeats into cache hits. Same executables, just not rebuilt.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="mae_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
