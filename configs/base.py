@@ -24,6 +24,7 @@ def get_config(arg=None):
 def sized_config(size, arg=None):
   """The recipe for encoder `size` (a key of mae_jax.model.SIZES), then `arg` overrides."""
   config = ml_collections.ConfigDict()
+  config.task = "pretrain"        # pretrain | classify (configs/finetune_*.py, linprobe_*.py)
 
   # Network: encoder size from the table; decoder 512 wide, 8 deep (paper default).
   config.model = ml_collections.ConfigDict(dict(
@@ -52,6 +53,10 @@ def sized_config(size, arg=None):
       hflip=True,
       antialias=True,           # bicubic shrinks like PIL (paper); False: 1.6x faster decoding
       color_jitter=0.0,         # > 0: brightness, contrast, saturation x U[1-s, 1+s] (e.g. 0.4)
+      rand_augment_ops=0,       # fine-tuning: timm rand-m9-mstd0.5-inc1 = 2 ops (0 = off)
+      rand_augment_magnitude=9.0,
+      rand_augment_std=0.5,
+      random_erasing=0.0,       # fine-tuning: probability of one erased box (timm 'pixel')
       ship_uint8=True,          # uint8 batches, normalised on device (4x less host->device)
       shuffle_buffer=10_000,    # encoded TFDS records per process (after file shuffling)
       num_parallel_calls=-1,    # decode + augment parallelism; -1 = tf.data.AUTOTUNE

@@ -81,6 +81,15 @@ def latest_step(workdir):
   return manager(workdir, create=False).latest_step()
 
 
+def has_item(workdir, step, name):
+  """True when step `step` of `workdir` holds the item `name` (e.g. opt_state)."""
+  path = os.path.join(checkpoint_root(workdir), str(step), name)
+  if "://" in path:
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    return epath.Path(path).exists()
+  return os.path.isdir(path)
+
+
 def _existing_step(mgr, workdir, step):
   steps = mgr.all_steps()
   if not steps:
@@ -233,9 +242,15 @@ class Checkpointer:
     return False
 
   def save(self, step, state, meta):
-    """Start an async save of `state` (TrainState) at `step`; returns at once."""
+    """Start an async save of `state` (TrainState) at `step`; returns at once.
+
+    Non-parameter model state (BatchNorm statistics), when the model has any, is the
+    item `model_state`.
+    """
+    extra = {"model_state": state.model_state} if jax.tree.leaves(state.model_state) else {}
     self.mgr.save(step, args=_save_args(state.params, state.opt_state,
-                                        dict(meta, step=int(step)), self.config), force=True)
+                                        dict(meta, step=int(step)), self.config, extra),
+                  force=True)
 
   def close(self):
     self.mgr.wait_until_finished()

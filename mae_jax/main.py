@@ -19,7 +19,12 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, TensorBoard "
                     "events and pictures; a run resumes from its latest checkpoint.")
 flags.DEFINE_string("restore", None, "Initialise from this workdir or checkpoint step directory "
-                    "(`.../checkpoints/<step>`) when --workdir has no checkpoint yet.")
+                    "(`.../checkpoints/<step>`), or from weights without optimizer state (a "
+                    "converted workdir, an official / HF file: a fresh optimizer starts), when "
+                    "--workdir has no checkpoint yet.")
+flags.DEFINE_bool("eval_only", False, "Evaluate and exit: the checkpoint --restore names, else "
+                  "--config.init_from (ours, or an official fine-tuned / linear-probe .pth); "
+                  "prints one line per metric. --workdir is not written.")
 flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize(). Default: only when a "
                   "multi-process environment is detected (Cloud TPU pod, SLURM with >1 task, "
                   "JAX_COORDINATOR_ADDRESS set).")
@@ -67,6 +72,9 @@ def main(argv):
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count(), jax.devices()[0].device_kind)
   log.info("config:\n%s", FLAGS.config)
+  if FLAGS.eval_only:
+    train.evaluate(FLAGS.config, FLAGS.restore)
+    return
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_from=FLAGS.restore)
 
 

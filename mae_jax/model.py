@@ -20,7 +20,7 @@ SIZES = {
 LN_EPS = 1e-6
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
-_token_init = nnx.initializers.normal(stddev=0.02)
+token_init = nnx.initializers.normal(stddev=0.02)  # cls and mask tokens
 # The official code inits the conv as a linear layer on the flattened (p*p*C, D)
 # kernel; flax's conv-aware xavier would also count the receptive field in fan_out.
 _patch_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
@@ -111,7 +111,8 @@ def _linear(d_in, d_out, dtype, rngs, names=(None, None)):
                     bias_init=_logical(_zeros, names[1]), dtype=dtype, rngs=rngs)
 
 
-def _layer_norm(dim, rngs):
+def layer_norm(dim, rngs):
+  """LayerNorm with the official eps 1e-6."""
   return nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
 
 
@@ -145,14 +146,28 @@ class Block(nnx.Module):
   """Pre-norm ViT block: x + Attn(LN(x)); x + MLP(LN(x))."""
 
   def __init__(self, dim, num_heads, mlp_ratio, dtype, prefix="", *, rngs):
-    self.norm1 = _layer_norm(dim, rngs)
+    self.norm1 = layer_norm(dim, rngs)
     self.attn = Attention(dim, num_heads, dtype, prefix, rngs=rngs)
-    self.norm2 = _layer_norm(dim, rngs)
+    self.norm2 = layer_norm(dim, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, prefix, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, drop_rate=0.0, key=None):
+    """`drop_rate` > 0 with a `key`: drop path (stochastic depth) on both residual branches."""
+    if drop_rate > 0.0 and key is not None:
+      attn_key, mlp_key = jax.random.split(key)
+      x = x + drop_path(self.attn(self.norm1(x)), drop_rate, attn_key)
+      return x + drop_path(self.mlp(self.norm2(x)), drop_rate, mlp_key)
     x = x + self.attn(self.norm1(x))
     return x + self.mlp(self.norm2(x))
+
+
+def drop_path(branch, rate, key):
+  """Zero a residual branch per example with probability `rate`, scale the rest by 1/(1-rate).
+
+  The expectation is unchanged; one draw per example (all its tokens), as timm's DropPath.
+  """
+  keep = jax.random.bernoulli(key, 1.0 - rate, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+  return jnp.where(keep, branch / (1.0 - rate), jnp.zeros_like(branch))
 
 
 class PatchEmbed(nnx.Module):
@@ -187,25 +202,25 @@ class MAE(nnx.Module):
     dtype = jnp.dtype(mc.dtype)
     d, d_dec, p = mc.embed_dim, mc.decoder_embed_dim, mc.patch_size
     self.patch_embed = PatchEmbed(mc.in_chans, d, p, dtype, rngs=rngs)
-    self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, d)),
+    self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, d)),
                                out_sharding=(None, None, "embed"), eager_sharding=False)
     self.pos_embed = FixedEmbed(jnp.asarray(patches.sincos_2d(d, mc.grid))[None])
     if mc.mask_tokens_in_encoder:
-      self.encoder_mask_token = nnx.Param(_token_init(rngs.params(), (1, 1, d)),
+      self.encoder_mask_token = nnx.Param(token_init(rngs.params(), (1, 1, d)),
                                           out_sharding=(None, None, "embed"),
                                           eager_sharding=False)
     self.blocks = nnx.List([Block(d, mc.num_heads, mc.mlp_ratio, dtype, rngs=rngs)
                             for _ in range(mc.depth)])
-    self.norm = _layer_norm(d, rngs)
+    self.norm = layer_norm(d, rngs)
 
     self.decoder_embed = _linear(d, d_dec, dtype, rngs, ("embed", "decoder_embed"))
-    self.mask_token = nnx.Param(_token_init(rngs.params(), (1, 1, d_dec)),
+    self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, d_dec)),
                                 out_sharding=(None, None, "decoder_embed"), eager_sharding=False)
     self.decoder_pos_embed = FixedEmbed(jnp.asarray(patches.sincos_2d(d_dec, mc.grid))[None])
     self.decoder_blocks = nnx.List([
         Block(d_dec, mc.decoder_num_heads, mc.mlp_ratio, dtype, "decoder_", rngs=rngs)
         for _ in range(mc.decoder_depth)])
-    self.decoder_norm = _layer_norm(d_dec, rngs)
+    self.decoder_norm = layer_norm(d_dec, rngs)
     self.decoder_pred = _linear(d_dec, p * p * mc.in_chans, dtype, rngs, ("decoder_embed", None))
     self.rngs = nnx.Rngs(masking=rngs.params())
 

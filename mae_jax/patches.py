@@ -4,6 +4,7 @@ Everything here is a pure function over arrays with static shapes, so it can be
 unit-tested on its own and traced under `jax.jit` without recompiles.
 """
 
+import math
 from typing import NamedTuple
 
 import einops
@@ -175,3 +176,41 @@ def example_noise(sampler, key, example_ids, grid, mask_ratio):
   def one(example_id):
     return sample_noise(sampler, jax.random.fold_in(key, example_id), 1, grid, mask_ratio)[0]
   return jax.vmap(one)(example_ids)
+
+
+def _torch_bicubic_matrix(size_in, size_out, a=-0.75):
+  """(size_out, size_in) weights of torch's bicubic resize, `align_corners=False`.
+
+  Cubic convolution with a = -0.75, source coordinate (i + 0.5) * in/out - 0.5 (not
+  clamped), neighbour indices clamped to the border: torch's `upsample_bicubic2d`.
+  """
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  weights = np.zeros((size_out, size_in), np.float64)
+  scale = size_in / size_out
+  for i in range(size_out):
+    real = scale * (i + 0.5) - 0.5
+    base = math.floor(real)
+    t = real - base
+    for k, w in zip(range(-1, 3), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      weights[i, min(max(base + k, 0), size_in - 1)] += w
+  return weights
+
+
+def resize_pos_embed(table, old_grid, new_grid):
+  """(1, 1 + L_old, D) position table -> (1, 1 + L_new, D): the patch rows resized bicubically
+  over the grid as torch's `F.interpolate(..., mode='bicubic', align_corners=False)`, the
+  cls row kept (the official `interpolate_pos_embed`)."""
+  table = np.asarray(table)
+  if tuple(old_grid) == tuple(new_grid):
+    return table
+  (gh, gw), (nh, nw) = old_grid, new_grid
+  if table.shape[1] != 1 + gh * gw:
+    raise ValueError(f"position table has {table.shape[1]} rows, expected 1 + {gh}x{gw}")
+  grid = table[0, 1:].reshape(gh, gw, -1).astype(np.float64)
+  grid = np.einsum("ih,hwd->iwd", _torch_bicubic_matrix(gh, nh), grid)
+  grid = np.einsum("jw,iwd->ijd", _torch_bicubic_matrix(gw, nw), grid)
+  rows = np.concatenate([table[0, :1], grid.reshape(nh * nw, -1).astype(table.dtype)])
+  return rows[None]

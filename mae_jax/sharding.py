@@ -83,6 +83,8 @@ def state_shardings(abstract_tree, mesh, rules=DEFAULT_RULES):
   """
   def one(x):
     if isinstance(x, nnx.Variable):
+      if not hasattr(x, "shape"):  # e.g. optax's MaskedNode for a frozen parameter: no array
+        return x
       names = x.get_metadata().get("out_sharding")
       return x.replace(NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
     return NamedSharding(mesh, P())

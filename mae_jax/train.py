@@ -1,8 +1,10 @@
-"""Pre-training: state creation, the pure train step and the training loop.
+"""The one training loop: state, the pure jitted step, evaluation, logs, checkpoints.
 
-The step is one `jax.jit` with explicit in/out shardings over the device mesh and
-a donated state (what used to be pjit). Each process feeds its share of the
-global batch; masks depend only on (seed, step, global example index).
+It knows no task: what differs between pre-training and classification (model, loss,
+optimizer, data, evaluators, pictures) comes from `mae_jax.tasks`. The step is one
+`jax.jit` with explicit in/out shardings over the device mesh and a donated state (what
+used to be pjit). Each process feeds its share of the global batch; every random draw of a
+step comes from (seed, step) and, per example, its global index.
 """
 
 import functools
@@ -18,8 +20,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import checkpointing, data, imaging, optim, patches, pictures, sharding, summaries
+from mae_jax import checkpointing, optim, sharding, summaries, tasks
 from mae_jax import model as model_lib
+from mae_jax.weights import hf
+from mae_jax.weights import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +33,14 @@ class TrainState:
   step: jax.Array
   params: nnx.State       # trainable nnx.Param values
   opt_state: optax.OptState
+  model_state: nnx.State  # what training updates besides params (BatchNorm statistics)
 
 
 @flax.struct.dataclass
 class Static:
   """What the step needs besides the state; not donated, not checkpointed."""
   rest: nnx.State         # fixed sin-cos tables and rng state, rebuilt from the config
-  mask_key: jax.Array
+  key: jax.Array          # the run's stream: step keys are fold_in(key, step)
 
 
 def schedule_steps(config):
@@ -53,57 +58,83 @@ def schedule_steps(config):
   return total, warmup
 
 
-def make_optimizer(config, total_steps, warmup_steps):
-  """(optax transformation, lr schedule) of the paper recipe."""
-  peak = optim.scaled_lr(config.base_lr, config.batch_size)
-  schedule = optim.warmup_cosine(peak, warmup_steps, total_steps, config.min_lr)
-  tx = optim.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
-  return tx, schedule
+def _run_key(seed):
+  return jax.random.fold_in(jax.random.key(seed), 0x3A5C)  # the run's random stream
 
 
-def _mask_key(seed):
-  return jax.random.fold_in(jax.random.key(seed), 0x3A5C)  # the mask-noise stream
+def _split(task, model):
+  return nnx.split(model, nnx.Param, task.model_state, ...)
 
 
-def _init(config, tx):
-  model = model_lib.MAE(config.model, rngs=nnx.Rngs(config.seed))
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
-  return state, Static(rest=rest, mask_key=_mask_key(config.seed))
+def _init(task, config, tx):
+  _, params, model_state, rest = _split(task, task.build_model(config, nnx.Rngs(config.seed)))
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                     model_state=model_state)
+  return state, Static(rest=rest, key=_run_key(config.seed))
 
 
-def sharded_setup(config, tx, mesh):
-  """(graphdef, abstract state, state shardings, static shardings) on `mesh`, nothing allocated."""
-  model = nnx.eval_shape(lambda: model_lib.MAE(config.model, rngs=nnx.Rngs(0)))
-  graphdef = nnx.graphdef(model)
-  abstract_state, abstract_static = jax.eval_shape(lambda: _init(config, tx))
-  rules = tuple(map(tuple, config.mesh.rules))
-  state_sh = TrainState(step=sharding.replicated(mesh),
-                        params=sharding.state_shardings(abstract_state.params, mesh, rules),
-                        opt_state=sharding.state_shardings(abstract_state.opt_state, mesh, rules))
-  static_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_static)
-  return graphdef, abstract_state, state_sh, static_sh
-
-
-def train_step(graphdef, tx, schedule, model_config, state, static, batch):
-  """One AdamW step on `batch` = {images (B,H,W,C) uint8 or normalised, index (B,) global ids}."""
-  step_key = jax.random.fold_in(static.mask_key, state.step)
-  noise = patches.example_noise(model_config.mask_sampler, step_key, batch["index"],
-                                model_config.grid, model_config.mask_ratio)
-  images = batch["images"]
-  if images.dtype == jnp.uint8:  # pipelines may ship uint8 and normalise here, on device
-    images = imaging.normalize(images)
+def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batch):
+  """One optimizer step on the global `batch`; returns (new state, metrics)."""
+  key = jax.random.fold_in(static.key, state.step)
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params, static.rest)
-    loss, _, _ = model(images, noise=noise)
-    return loss
+    if frozen is not None:  # no backward pass through what does not train
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    # Fresh Variable objects of this trace: the task may update them (BatchNorm statistics).
+    model_state = jax.tree.map(lambda x: x, state.model_state)
+    model = nnx.merge(graphdef, params, model_state, static.rest)
+    loss, metrics = task.loss(config, model, batch, key)
+    return loss, (metrics, nnx.state(model, task.model_state))
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  metrics = {**metrics, "loss": loss, "lr": schedule(state.step),
+             "grad_norm": optax.global_norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                    model_state=model_state), metrics
+
+
+def eval_step(task, graphdef, state, static, batch):
+  """The task's eval sums over one global eval batch (inference mode)."""
+  model = nnx.merge(graphdef, state.params, state.model_state, static.rest)
+  return task.eval_sums(model, batch)
+
+
+def build(config, mesh, total_steps, warmup_steps):
+  """Everything to run sharded steps on `mesh`: optimizer, shardings and the jitted steps."""
+  task = tasks.get(config)
+  abstract_model = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(0)))
+  graphdef, abstract_params, _, _ = _split(task, abstract_model)
+  tx, schedule = task.optimizer(config, total_steps, warmup_steps, abstract_params)
+  frozen = task.frozen(config, abstract_params) if hasattr(task, "frozen") else None
+  abstract_state, abstract_static = jax.eval_shape(lambda: _init(task, config, tx))
+  rules = tuple(map(tuple, config.mesh.rules))
+  shard = lambda tree: sharding.state_shardings(tree, mesh, rules)
+  state_sh = TrainState(step=sharding.replicated(mesh), params=shard(abstract_state.params),
+                        opt_state=shard(abstract_state.opt_state),
+                        model_state=shard(abstract_state.model_state))
+  static_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_static)
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, task, config, graphdef, tx, schedule, frozen),
+      in_shardings=(state_sh, static_sh, batch_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  eval_fn = (jax.jit(functools.partial(eval_step, task, graphdef),
+                     in_shardings=(state_sh, static_sh, batch_sh),
+                     out_shardings=sharding.replicated(mesh))
+             if hasattr(task, "eval_sums") else None)
+  init_fn = jax.jit(lambda: _init(task, config, tx), out_shardings=(state_sh, static_sh))
+  # On restore only the small fixed part is built: no throw-away copy of params + moments.
+  init_static = jax.jit(lambda: _init(task, config, tx)[1], out_shardings=static_sh)
+  init_opt = jax.jit(tx.init, out_shardings=state_sh.opt_state)
+  init_model_state = jax.jit(lambda: _init(task, config, tx)[0].model_state,
+                             out_shardings=state_sh.model_state)
+  return types.SimpleNamespace(
+      task=task, tx=tx, graphdef=graphdef, abstract_state=abstract_state, state_sh=state_sh,
+      static_sh=static_sh, step_fn=step_fn, eval_fn=eval_fn, init_fn=init_fn,
+      init_static=init_static, init_opt=init_opt, init_model_state=init_model_state)
 
 
 def _format_eta(seconds):
@@ -142,62 +173,139 @@ def _log_compiled(compiled, state):
                  "generated_code_size_in_bytes")))
 
 
-def build(config, mesh, total_steps, warmup_steps):
-  """Everything to run sharded steps on `mesh`: optimizer, shardings and the jitted step."""
-  model_config = model_lib.model_config(config.model)
-  tx, schedule = make_optimizer(config, total_steps, warmup_steps)
-  graphdef, abstract_state, state_sh, static_sh = sharded_setup(config, tx, mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef, tx, schedule, model_config),
-      in_shardings=(state_sh, static_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  init_fn = jax.jit(lambda: _init(config, tx), out_shardings=(state_sh, static_sh))
-  # On restore only the small fixed part is built: no throw-away copy of params + moments.
-  init_static = jax.jit(lambda: _init(config, tx)[1], out_shardings=static_sh)
-  return types.SimpleNamespace(tx=tx, graphdef=graphdef, abstract_state=abstract_state,
-                               state_sh=state_sh, static_sh=static_sh, step_fn=step_fn,
-                               init_fn=init_fn, init_static=init_static)
+def _restore_items(built, source):
+  """(state, data position, step) from one of our checkpoints: params, optimizer, BN stats.
+
+  A checkpoint without optimizer state (converted weights) starts a fresh optimizer.
+  """
+  workdir, step = checkpointing.resolve_checkpoint(*source)
+  step = checkpointing.latest_step(workdir) if step is None else step
+  target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
+  wanted = dict(params=target.params)
+  for name in ("opt_state", "model_state"):
+    if jax.tree.leaves(getattr(target, name)) and checkpointing.has_item(workdir, step, name):
+      wanted[name] = getattr(target, name)
+  restored, step = checkpointing.restore(workdir, step, **wanted)
+  params = restored["params"]
+  if "opt_state" not in restored:
+    log.info("%s/%d has no optimizer state: a fresh optimizer starts from its weights",
+             checkpointing.checkpoint_root(workdir), step)
+  opt_state = restored["opt_state"] if "opt_state" in restored else built.init_opt(params)
+  model_state = (restored["model_state"] if "model_state" in restored
+                 else built.init_model_state())
+  state = TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step), params=params,
+                     opt_state=opt_state, model_state=model_state)
+  return state, restored["meta"].get("data"), step
 
 
-def _restore_or_init(built, workdir, ckpt, restore_from):
-  """(state, static, data position, start step): resume, restore from a path, or initialise."""
+def _from_weights(built, config, source, whole_classifier=False):
+  """A fresh state whose params come from `source` via the task (any weights file)."""
+  task = built.task
+  model = task.build_model(config, nnx.Rngs(config.seed))
+  kwargs = dict(whole_classifier=True) if whole_classifier else {}
+  log.info("%s", task.initial_weights(config, model, source, **kwargs))
+  _, params, model_state, _ = _split(task, model)
+  params = jax.device_put(params, built.state_sh.params)
+  state = TrainState(step=jax.device_put(jnp.int32(0), built.state_sh.step), params=params,
+                     opt_state=built.init_opt(params),
+                     model_state=jax.device_put(model_state, built.state_sh.model_state))
+  return state
+
+
+def restore_or_init(built, config, workdir, ckpt, restore_from=None):
+  """(state, static, data position, start step): resume, restore, init_from, or initialise."""
   step = ckpt.latest_step()
+  init_from = config.get("init_from", "")
   if step is not None:
-    source = (workdir, step)
-  elif restore_from:
-    source = checkpointing.resolve_checkpoint(restore_from)
-  else:
+    state, data_state, step = _restore_items(built, (workdir, step))
+    log.info("resuming from %s/%d", checkpointing.checkpoint_root(workdir), step)
+    return state, built.init_static(), data_state, step
+  source = restore_from or init_from
+  if not source:
     state, static = built.init_fn()
     return state, static, None, 0
-  target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
-  restored, step = checkpointing.restore(*source, params=target.params,
-                                         opt_state=target.opt_state)
-  log.info("resuming from %s/%d", checkpointing.checkpoint_root(source[0]), step)
-  state = TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step),
-                     params=restored["params"], opt_state=restored["opt_state"])
-  return state, built.init_static(), restored["meta"].get("data"), step
+  if _is_checkpoint_dir(source) and _same_task(config, source):
+    state, data_state, step = _restore_items(built, (source, None))
+    log.info("restored %s (step %d)", source, step)
+    return state, built.init_static(), data_state if restore_from else None, (
+        step if restore_from else 0)
+  return _from_weights(built, config, source), built.init_static(), None, 0
+
+
+def _is_checkpoint_dir(source):
+  """A folder that is not an HF model directory must be one of our checkpoints."""
+  return workdir_lib.is_our_checkpoint(source) or (
+      os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name))
+                                        for name in hf.HF_WEIGHTS))
+
+
+def _same_task(config, source):
+  saved, _ = checkpointing.restore(*checkpointing.resolve_checkpoint(source))
+  return saved["config"].get("task", "pretrain") == config.get("task", "pretrain")
+
+
+def _host_model(built, state, static):
+  return nnx.merge(built.graphdef, sharding.to_host(state.params),
+                   sharding.to_host(state.model_state), sharding.to_host(static.rest))
+
+
+def run_evaluators(built, evaluators, state, static, mesh):
+  """[(name, value)] of every evaluator on the current state."""
+  compiled = lambda local: built.eval_fn(state, static, sharding.global_batch(local, mesh))
+  return [pair for ev in evaluators for pair in ev.run(compiled)]
+
+
+def _log_evals(pairs, writer, step):
+  if pairs:
+    log.info("step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in pairs))
+    writer.scalars(step, dict(pairs))
+    writer.flush()
+
+
+def evaluate(config, source=None):
+  """Evaluate a checkpoint (ours) or any weights `init_from` accepts; returns [(name, value)]."""
+  task = tasks.get(config)
+  log.info("data: %s", task.check(config))
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.batch_size, mesh)
+  built = build(config, mesh, 2, 1)
+  source = source or config.get("init_from", "")
+  if not source:
+    raise ValueError("--eval_only needs a checkpoint: --restore=PATH or --config.init_from=PATH")
+  if workdir_lib.is_our_checkpoint(source):
+    if not _same_task(config, source):
+      raise ValueError(f"{source} is a checkpoint of another task than config.task="
+                       f"{config.get('task', 'pretrain')!r}")
+    state = _restore_items(built, (source, None))[0]
+  else:
+    state = _from_weights(built, config, source, whole_classifier=True)
+  pairs = run_evaluators(built, task.evaluators(config), state, built.init_static(), mesh)
+  for name, value in pairs:
+    print(f"{name} {value:.6g}", flush=True)
+  return pairs
 
 
 def train_and_evaluate(config, workdir, restore_from=None):
-  """Pre-train as `config` says (auto-resuming from `workdir`); returns (state, loss history)."""
+  """Train as `config` says (auto-resuming from `workdir`); returns (state, loss history)."""
+  task = tasks.get(config)
   model_config = model_lib.model_config(config.model)  # validates before anything heavy
+  log.info("data: %s", task.check(config))  # clear errors before any compile
   total_steps, warmup_steps = schedule_steps(config)
   check_workdir(workdir)
-  log.info("data: %s", data.check_data(config))  # clear errors before any compile
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   is_chief = jax.process_index() == 0
 
   built = build(config, mesh, total_steps, warmup_steps)
-  graphdef = built.graphdef
   ckpt = checkpointing.Checkpointer(workdir, config)
-  state, static, data_state, start_step = _restore_or_init(built, workdir, ckpt, restore_from)
+  state, static, data_state, start_step = restore_or_init(built, config, workdir, ckpt,
+                                                          restore_from)
   if start_step >= total_steps:
     log.info("%s already holds the final step %d; nothing to do", ckpt.directory, start_step)
     ckpt.close()
     return state, []
 
-  batches = data.create_pretrain_iterator(config, start_step=start_step)
+  batches = task.train_batches(config, start_step)
   if data_state is not None:
     batches.restore(data_state)
   local = next(batches)
@@ -210,8 +318,8 @@ def train_and_evaluate(config, workdir, restore_from=None):
   if tuple(images.shape[1:]) != model_config.image_shape:
     raise ValueError(f"the input pipeline yields images of shape {images.shape[1:]} but "
                      f"config.model expects {model_config.image_shape}")
-  log.info("mesh %s on %d devices, %d process(es); %.2fM trainable parameters; steps %d..%d "
-           "(%d warm-up), global batch %d, peak lr %.3g",
+  log.info("%s: mesh %s on %d devices, %d process(es); %.2fM trainable parameters; steps "
+           "%d..%d (%d warm-up), global batch %d, peak lr %.3g", task.name,
            dict(mesh.shape), mesh.size, jax.process_count(),
            model_lib.count_params(built.abstract_state.params) / 1e6, start_step, total_steps,
            warmup_steps, config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size))
@@ -222,56 +330,55 @@ def train_and_evaluate(config, workdir, restore_from=None):
   _log_compiled(compiled, state)
 
   writer = summaries.SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
+  evaluators = task.evaluators(config)
   stop_after = config.stop_after_steps if config.stop_after_steps > 0 else None
   pending, history = [], []
   tick, tick_step = time.perf_counter(), start_step
   step = start_step
-  while step < total_steps:
-    if step > start_step:
-      batch = sharding.global_batch(next(batches), mesh)
-    state, metrics = compiled(state, static, batch)
-    pending.append(metrics)
-    step += 1
-    stop = (ckpt.stop_requested(step, sync=step % config.log_every == 0)
-            or (stop_after and step - start_step >= stop_after))
-    if step % config.log_every == 0 or step == total_steps or stop:
-      # One host sync per log interval, not per step.
-      averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-      now = time.perf_counter()
-      img_per_s = (step - tick_step) * config.batch_size / (now - tick)
-      eta = (total_steps - step) * config.batch_size / img_per_s
-      log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  eta %s",
-               step, total_steps, averaged["loss"], averaged["lr"], averaged["grad_norm"],
-               img_per_s, _format_eta(eta))
-      writer.scalars(step, {**averaged, "img_per_s": img_per_s})
-      history.append((step, averaged["loss"]))
-      pending, tick, tick_step = [], now, step
-    if config.image_every > 0 and step % config.image_every == 0 and step < total_steps:
-      _write_picture(config, graphdef, state, static, writer, step, None)
-    if ckpt.should_save(step, total_steps) or stop:
-      ckpt.save(step, state, {"data": batches.state(), "seed": config.seed})
-    if stop:
-      log.info("stopping at step %d (%s); rerun the same command to resume", step,
-               "signal" if ckpt.preemption.requested else "stop_after_steps")
-      break
-  ckpt.close()
+  try:
+    while step < total_steps:
+      if step > start_step:
+        batch = sharding.global_batch(next(batches), mesh)
+      state, metrics = compiled(state, static, batch)
+      pending.append(metrics)
+      step += 1
+      stop = (ckpt.stop_requested(step, sync=step % config.log_every == 0)
+              or (stop_after and step - start_step >= stop_after))
+      if step % config.log_every == 0 or step == total_steps or stop:
+        # One host sync per log interval, not per step.
+        averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                    for k in pending[0]}
+        now = time.perf_counter()
+        img_per_s = (step - tick_step) * config.batch_size / (now - tick)
+        eta = (total_steps - step) * config.batch_size / img_per_s
+        log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  eta %s",
+                 step, total_steps, averaged["loss"], averaged["lr"], averaged["grad_norm"],
+                 img_per_s, _format_eta(eta))
+        writer.scalars(step, {**averaged, "img_per_s": img_per_s})
+        writer.flush()
+        history.append((step, averaged["loss"]))
+        pending, tick, tick_step = [], now, step
+      due = [ev for ev in evaluators if ev.every_steps > 0 and step % ev.every_steps == 0]
+      if due and step < total_steps:
+        _log_evals(run_evaluators(built, due, state, static, mesh), writer, step)
+      every = config.get("image_every", -1)
+      if every > 0 and step % every == 0 and step < total_steps:
+        task.periodic(config, _host_model(built, state, static), writer, step)
+      if ckpt.should_save(step, total_steps) or stop:
+        ckpt.save(step, state, {"data": batches.state(), "seed": config.seed})
+      if stop:
+        log.info("stopping at step %d (%s); rerun the same command to resume", step,
+                 "signal" if ckpt.preemption.requested else "stop_after_steps")
+        break
+    if step == total_steps:
+      _log_evals(run_evaluators(built, evaluators, state, static, mesh), writer, step)
+  finally:
+    ckpt.close()
+    writer.flush()
   log.info("checkpoint of step %d in %s", step, ckpt.directory)
   if step == total_steps:
-    path = _write_picture(config, graphdef, state, static, writer, step,
-                          os.path.join(workdir, "reconstructions.png"))
-    log.info("wrote %s (original | masked | reconstruction | reconstruction + visible)", path)
+    report = task.finish(config, _host_model(built, state, static), writer, workdir, step)
+    if report:
+      log.info("%s", report)
   writer.close()
   return state, history
-
-
-def _write_picture(config, graphdef, state, static, writer, step, path):
-  """Reconstructions of the preview photos to TensorBoard (and `path` if given)."""
-  model = nnx.merge(graphdef, sharding.to_host(state.params), sharding.to_host(static.rest))
-  size = model.config.img_size
-  picture = pictures.reconstruction_grid(
-      model, data.preview_images(config.num_preview_images, size),
-      key=jax.random.key(config.seed), scale=max(1, 224 // size))
-  writer.image(step, "reconstructions", picture)
-  if path and jax.process_index() == 0:
-    pictures.save_png(picture, path)
-  return path

@@ -5,8 +5,10 @@ import pytest
 from ml_collections.config_flags import config_flags
 
 from configs import base
+from flax import nnx
+
 from mae_jax import model as model_lib
-from mae_jax import train
+from mae_jax import tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -27,7 +29,10 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_loads_and_builds_abstractly(path):
   config = _load(path)
-  abstract = model_lib.abstract_model(config.model)  # no memory, validates every field
+  if config.get("task", "pretrain") == "classify":  # sizes come from the dataset (ImageNet here)
+    config.classifier.num_classes, config.data.num_train_examples = 1000, base.IMAGENET_TRAIN_EXAMPLES
+  task = tasks.get(config)
+  abstract = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(0)))  # validates fields
   assert model_lib.count_params(abstract) > 0
   total, warmup = train.schedule_steps(config)
   assert 0 <= warmup < total

@@ -23,5 +23,5 @@ from mae_jax.data.iterators import (PhotoBatches, TfBatches, create_eval_iterato
                                     create_pretrain_iterator)
 from mae_jax.data.photos import BUNDLED, BUNDLED_PHOTOS, bundled_photos, preview_images
 from mae_jax.data.sources import (FOLDER, IMAGE_EXTENSIONS, IMAGENET_HOW_TO, check_data,
-                                  list_image_folder, make_source, tfds_builder)
+                                  dataset_info, list_image_folder, make_source, tfds_builder)
 from mae_jax.data.transforms import eval_transform, pretrain_transform

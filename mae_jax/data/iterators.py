@@ -20,6 +20,10 @@ from mae_jax.imaging import center_crop, normalize, resize
 
 log = logging.getLogger(__name__)
 
+# config.data fields of the fine-tuning augmentation (absent in older configs: off).
+AUGMENT_FIELDS = ("rand_augment_ops", "rand_augment_magnitude", "rand_augment_std",
+                  "random_erasing")
+
 
 def _local_batch(batch_size, process_count):
   if batch_size % process_count:
@@ -116,9 +120,10 @@ class TfBatches:
     self.process_index, self.process_count = process_index, process_count
     self.seed = config.seed
     self.transform = functools.partial(
-        pretrain_transform, size=sources.image_size(config), crop=data.crop, scale=tuple(data.crop_scale),
-        ratio=tuple(data.crop_ratio), hflip=data.hflip, color_jitter=data.color_jitter,
-        antialias=data.antialias, ship_uint8=data.ship_uint8)
+        pretrain_transform, size=sources.image_size(config), crop=data.crop,
+        scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), hflip=data.hflip,
+        color_jitter=data.color_jitter, antialias=data.antialias, ship_uint8=data.ship_uint8,
+        **{k: data[k] for k in AUGMENT_FIELDS if k in data})
     self.parallel = data.num_parallel_calls
     self._warm = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next_epoch")
     self._log_skips_at = 1
@@ -267,7 +272,10 @@ def create_eval_iterator(config, *, split=None, process_index=None, process_coun
   if data.dataset == BUNDLED:
     raise ValueError(f"config.data.dataset={BUNDLED!r} has no evaluation split")
   batch = _local_batch(config.batch_size, process_count)
-  source = sources.make_source(config, split or data.eval_split, process_index, process_count)
+  if data.dataset == sources.FOLDER and data.get("eval_folder"):
+    source = sources.FolderSource(data.eval_folder, process_index, process_count)
+  else:
+    source = sources.make_source(config, split or data.eval_split, process_index, process_count)
   per_process = -(-source.total_examples // process_count)
   num_batches = -(-per_process // batch)
   size = sources.image_size(config)

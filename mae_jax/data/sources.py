@@ -211,3 +211,19 @@ def image_size(config):
     raise ValueError(f"the input pipelines make square crops; config.model.img_size="
                      f"{size} must be an int")
   return size
+
+
+def dataset_info(config, split=None):
+  """(number of examples in `split` (default data.split), number of classes or None)."""
+  data = config.data
+  if data.dataset == BUNDLED:
+    return len(bundled_photos()), None
+  if data.dataset == FOLDER:
+    paths, _, classes = list_image_folder(data.folder)
+    return len(paths), len(classes)
+  builder = tfds_builder(data)
+  split = split or data.split
+  _check_split(builder, split, data)
+  _, label_key = builder.info.supervised_keys or ("image", "label")
+  feature = builder.info.features[label_key] if label_key in builder.info.features else None
+  return builder.info.splits[split].num_examples, getattr(feature, "num_classes", None)

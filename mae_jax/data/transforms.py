@@ -115,8 +115,15 @@ def _finish(tf, image, ship_uint8):
 
 def pretrain_transform(encoded, seed, *, size, crop="random_resized", scale=(0.2, 1.0),
                        ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0, antialias=True,
-                       ship_uint8=True):
-  """One pre-training view (size, size, 3) of an encoded image; `seed` (2,) int keys every draw."""
+                       ship_uint8=True, rand_augment_ops=0, rand_augment_magnitude=9.0,
+                       rand_augment_std=0.5, random_erasing=0.0):
+  """One training view (size, size, 3) of an encoded image; `seed` (2,) int keys every draw.
+
+  Pre-training: crop + flip (+ colour jitter for the ablation). Fine-tuning adds
+  RandAugment (`rand_augment_ops` > 0: timm's rand-m9-mstd0.5-inc1 with the defaults) and
+  random erasing after normalisation (`random_erasing` = its probability; the batch is
+  then float32, whatever `ship_uint8` says).
+  """
   tf, _ = tf_modules()
   crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   if crop == "random_resized":
@@ -130,7 +137,21 @@ def pretrain_transform(encoded, seed, *, size, crop="random_resized", scale=(0.2
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if color_jitter:
     image = _color_jitter(tf, image, jitter_seed, color_jitter)
-  return _finish(tf, image, ship_uint8)
+  if not (rand_augment_ops or random_erasing):
+    return _finish(tf, image, ship_uint8)
+  from mae_jax.data import augment  # pylint: disable=import-outside-toplevel
+  # Seeds of their own, so that the pre-training stream above stays what it always was.
+  augment_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
+      tf.random.experimental.stateless_fold_in(seed, 1), 2))
+  if rand_augment_ops:
+    image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+    image = tf.cast(augment.rand_augment(tf.cast(image, tf.uint8), augment_seed,
+                                         num_ops=rand_augment_ops,
+                                         magnitude=rand_augment_magnitude,
+                                         magnitude_std=rand_augment_std), tf.float32)
+  if not random_erasing:
+    return _finish(tf, image, ship_uint8)
+  return augment.random_erasing(_finish(tf, image, False), erase_seed, prob=random_erasing)
 
 
 def eval_transform(encoded, *, size, antialias=True, ship_uint8=True):

@@ -1,0 +1,7 @@
+"""Fine-tune ViT-L on ImageNet, official recipe (SPEC §3); --config.init_from=PRE-TRAINED."""
+
+from configs import classify_base
+
+
+def get_config(arg=None):
+  return classify_base.finetune_config("vit_l", arg)

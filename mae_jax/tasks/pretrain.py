@@ -1,0 +1,99 @@
+"""Pre-training: the MAE, its loss on per-example masks, AdamW, reconstruction pictures."""
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mae_jax import data, imaging, optim, patches, pictures
+from mae_jax import model as model_lib
+from mae_jax.weights import keys, load
+
+
+class Pretrain:
+  """The MAE pre-training task (config.task = "pretrain")."""
+
+  name = "pretrain"
+  model_state = nnx.BatchStat  # none in the MAE: the filter simply matches nothing
+
+  def check(self, config):
+    model_lib.model_config(config.model)
+    return data.check_data(config)
+
+  def build_model(self, config, rngs):
+    return model_lib.MAE(config.model, rngs=rngs)
+
+  def optimizer(self, config, total_steps, warmup_steps, abstract_params):
+    """AdamW (b2 .95, decay on ndim >= 2), linear lr scaling, warm-up + half-cycle cosine."""
+    del abstract_params
+    peak = optim.scaled_lr(config.base_lr, config.batch_size)
+    schedule = optim.warmup_cosine(peak, warmup_steps, total_steps, config.min_lr)
+    tx = optim.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    return tx, schedule
+
+  def loss(self, config, model, batch, key):
+    """Norm-pix MSE; each example's mask depends only on (seed, step, its global index)."""
+    del config
+    mc = model.config
+    noise = patches.example_noise(mc.mask_sampler, key, batch["index"], mc.grid, mc.mask_ratio)
+    images = batch["images"]
+    if images.dtype == np.uint8:  # pipelines may ship uint8 and normalise here, on device
+      images = imaging.normalize(images)
+    loss, _, _ = model(images, noise=noise)
+    return loss, {}
+
+  def train_batches(self, config, start_step):
+    return data.create_pretrain_iterator(config, start_step=start_step)
+
+  def initial_weights(self, config, model, source):
+    """Fill the MAE from an official / HF file (`--restore` of weights without optimizer)."""
+    imported = load.import_checkpoint(source, require_decoder=False,
+                                      **_file_overrides(config.model))
+    ours = nnx.state(model, nnx.Param)
+    theirs = nnx.state(imported.model, nnx.Param)
+    got = jax.tree.map(lambda x: x.shape, theirs)
+    want = jax.tree.map(lambda x: x.shape, ours)
+    if got != want:
+      mc = imported.model.config
+      raise ValueError(f"{source}: its MAE (embed_dim={mc.embed_dim}, depth={mc.depth}, "
+                       f"decoder {mc.decoder_embed_dim}x{mc.decoder_depth}) does not match "
+                       "config.model")
+    nnx.update(model, theirs)
+    fresh = f"; freshly initialised: {keys.summarise_keys(imported.fresh)}" if imported.fresh else ""
+    return f"weights from {source} ({keys.KINDS[imported.kind]}){fresh}"
+
+  def evaluators(self, config):
+    del config
+    return []
+
+  def finish(self, config, model, writer, workdir, step):
+    path = os.path.join(workdir, "reconstructions.png")
+    picture(config, model, writer, step, path)
+    return f"wrote {path} (original | masked | reconstruction | reconstruction + visible)"
+
+  def periodic(self, config, model, writer, step):
+    """Mid-run outputs (every `image_every` steps): a picture in TensorBoard."""
+    picture(config, model, writer, step, None)
+
+
+def _file_overrides(model_cfg):
+  """Model fields a PyTorch file does not store, taken from config.model."""
+  names = ("img_size", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+           "norm_pix_loss")
+  return {n: model_cfg[n] for n in names if n in model_cfg}
+
+
+def picture(config, model, writer, step, path):
+  """Reconstructions of the preview photos (host `model`) to TensorBoard (and `path`)."""
+  size = model.config.img_size
+  grid = pictures.reconstruction_grid(
+      model, data.preview_images(config.num_preview_images, size),
+      key=jax.random.key(config.seed), scale=max(1, 224 // size))
+  writer.image(step, "reconstructions", grid)
+  if path and jax.process_index() == 0:
+    pictures.save_png(grid, path)
+  return path
+
+
+TASK = Pretrain()
