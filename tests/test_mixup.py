@@ -1,4 +1,4 @@
-"""Mixup / CutMix against timm Mixup mode='batch' semantics (SPEC section 7), written from the rules."""
+"""Mixup / CutMix against timm Mixup mode='batch' semantics (SPEC section 7), from the rules."""
 
 import functools
 
