@@ -94,7 +94,7 @@ def test_mixup_is_convex_with_flipped_batch():
 
 
 def test_lambda_statistics_and_switch():
-  count, alpha = 2000, 0.8
+  count, alpha = 1500, 0.8
   fn = lambda k: mixup.mixup_cutmix(k, _constant_images(), LABELS, num_classes=N,
                                     mixup_alpha=alpha, cutmix_alpha=0.0, smoothing=0.0)
   _, targets = _many(fn, count)
@@ -105,9 +105,9 @@ def test_lambda_statistics_and_switch():
   # both alphas: cutmix (pixels only ever 1 or B in image 0) about switch_prob of the time
   fn = lambda k: mixup.mixup_cutmix(k, _constant_images(), LABELS, num_classes=N,
                                     switch_prob=0.3)[0]
-  outs = np.asarray(_many(fn, 1000))[:, 0]
+  outs = np.asarray(_many(fn, 600))[:, 0]
   is_cut = np.all((outs == 1) | (outs == B), axis=(1, 2, 3))
-  assert is_cut.mean() == pytest.approx(0.3, abs=0.05)
+  assert is_cut.mean() == pytest.approx(0.3, abs=0.06)
 
 
 def test_prob_leaves_batches_unmixed():
@@ -120,14 +120,14 @@ def test_prob_leaves_batches_unmixed():
       smoothed, (unmixed.sum(), B, N)), atol=1e-7)
 
 
-def test_jits_and_matches_eager():
+def test_jits_with_static_shapes():
   images = jax.random.uniform(jax.random.key(1), (B, H, W, C))
-  fn = functools.partial(mixup.mixup_cutmix, num_classes=N)
-  key = jax.random.key(3)
-  eager = fn(key, images, LABELS)
-  jitted = jax.jit(fn)(key, images, LABELS)
-  for a, b in zip(eager, jitted):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  fn = jax.jit(functools.partial(mixup.mixup_cutmix, num_classes=N))
+  out, targets = fn(jax.random.key(3), images, LABELS)
+  assert out.shape == (B, H, W, C) and out.dtype == jnp.float32 and targets.shape == (B, N)
+  again, _ = fn(jax.random.key(3), images, LABELS)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(again))  # a pure function of key
+  assert fn._cache_size() == 1  # no retrace: nothing data-dependent in the shapes
 
 
 def test_rejects_no_alpha():
