@@ -93,7 +93,7 @@ def test_mixup_is_convex_with_flipped_batch():
     np.testing.assert_allclose(np.asarray(out), lam * x + (1 - lam) * x[::-1], atol=1e-3)
 
 
-def test_lambda_statistics_and_switch():
+def test_mixup_lambda_statistics():
   count, alpha = 1500, 0.8
   fn = lambda k: mixup.mixup_cutmix(k, _constant_images(), LABELS, num_classes=N,
                                     mixup_alpha=alpha, cutmix_alpha=0.0, smoothing=0.0)
@@ -102,7 +102,10 @@ def test_lambda_statistics_and_switch():
   var = 1.0 / (4 * (2 * alpha + 1))  # Beta(α, α): mean 1/2, variance 1 / (4 (2α + 1))
   assert lam.mean() == pytest.approx(0.5, abs=4 * np.sqrt(var / count))
   assert lam.var() == pytest.approx(var, rel=0.1)
-  # both alphas: cutmix (pixels only ever 1 or B in image 0) about switch_prob of the time
+
+
+def test_switch_prob_picks_cutmix():
+  """Both alphas: cutmix (pixels only ever 1 or B in image 0) about switch_prob of the time."""
   fn = lambda k: mixup.mixup_cutmix(k, _constant_images(), LABELS, num_classes=N,
                                     switch_prob=0.3)[0]
   outs = np.asarray(_many(fn, 600))[:, 0]
