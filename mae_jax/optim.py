@@ -46,7 +46,7 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token")  # the classifier's official no_wei
 
 
 def _key_name(key):
-  """One key-path entry (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey, str, int) as str/int."""
+  """A key-path entry (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey, str, int) as str/int."""
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
       return getattr(key, attr)

@@ -1,4 +1,4 @@
-"""Mixup / CutMix against timm Mixup mode='batch' semantics (SPEC section 7), written from the rules."""
+"""Mixup / CutMix against timm Mixup mode='batch' semantics (SPEC section 7), from the rules."""
 
 import functools
 
@@ -83,17 +83,18 @@ def test_cutmix_box_follows_timm_rule():
 
 def test_mixup_is_convex_with_flipped_batch():
   images = jax.random.uniform(jax.random.key(0), (B, H, W, C)) * 255
+  fn = jax.jit(functools.partial(mixup.mixup_cutmix, num_classes=N, mixup_alpha=0.8,
+                                 cutmix_alpha=0.0))
   for seed in range(5):
-    out, targets = mixup.mixup_cutmix(jax.random.key(seed), images.astype(jnp.uint8), LABELS,
-                                      num_classes=N, mixup_alpha=0.8, cutmix_alpha=0.0)
+    out, targets = fn(jax.random.key(seed), images.astype(jnp.uint8), LABELS)
     assert out.dtype == jnp.float32
     lam = _lam_from_targets(targets, 0.1)
     x = np.asarray(images.astype(jnp.uint8), np.float32)
     np.testing.assert_allclose(np.asarray(out), lam * x + (1 - lam) * x[::-1], atol=1e-3)
 
 
-def test_lambda_statistics_and_switch():
-  count, alpha = 2000, 0.8
+def test_mixup_lambda_statistics():
+  count, alpha = 1500, 0.8
   fn = lambda k: mixup.mixup_cutmix(k, _constant_images(), LABELS, num_classes=N,
                                     mixup_alpha=alpha, cutmix_alpha=0.0, smoothing=0.0)
   _, targets = _many(fn, count)
@@ -101,12 +102,15 @@ def test_lambda_statistics_and_switch():
   var = 1.0 / (4 * (2 * alpha + 1))  # Beta(α, α): mean 1/2, variance 1 / (4 (2α + 1))
   assert lam.mean() == pytest.approx(0.5, abs=4 * np.sqrt(var / count))
   assert lam.var() == pytest.approx(var, rel=0.1)
-  # both alphas: cutmix (pixels only ever 1 or B in image 0) about switch_prob of the time
+
+
+def test_switch_prob_picks_cutmix():
+  """Both alphas: cutmix (pixels only ever 1 or B in image 0) about switch_prob of the time."""
   fn = lambda k: mixup.mixup_cutmix(k, _constant_images(), LABELS, num_classes=N,
                                     switch_prob=0.3)[0]
-  outs = np.asarray(_many(fn, 1000))[:, 0]
+  outs = np.asarray(_many(fn, 600))[:, 0]
   is_cut = np.all((outs == 1) | (outs == B), axis=(1, 2, 3))
-  assert is_cut.mean() == pytest.approx(0.3, abs=0.05)
+  assert is_cut.mean() == pytest.approx(0.3, abs=0.06)
 
 
 def test_prob_leaves_batches_unmixed():
@@ -119,14 +123,14 @@ def test_prob_leaves_batches_unmixed():
       smoothed, (unmixed.sum(), B, N)), atol=1e-7)
 
 
-def test_jits_and_matches_eager():
+def test_jits_with_static_shapes():
   images = jax.random.uniform(jax.random.key(1), (B, H, W, C))
-  fn = functools.partial(mixup.mixup_cutmix, num_classes=N)
-  key = jax.random.key(3)
-  eager = fn(key, images, LABELS)
-  jitted = jax.jit(fn)(key, images, LABELS)
-  for a, b in zip(eager, jitted):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  fn = jax.jit(functools.partial(mixup.mixup_cutmix, num_classes=N))
+  out, targets = fn(jax.random.key(3), images, LABELS)
+  assert out.shape == (B, H, W, C) and out.dtype == jnp.float32 and targets.shape == (B, N)
+  again, _ = fn(jax.random.key(3), images, LABELS)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(again))  # a pure function of key
+  assert fn._cache_size() == 1  # no retrace: nothing data-dependent in the shapes
 
 
 def test_rejects_no_alpha():
