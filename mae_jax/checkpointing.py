@@ -7,6 +7,9 @@ any extra array items a caller adds (e.g. `extras/`: converted weights the MAE
 has no place for).
 Orbax writes each step into a temporary directory and renames it when complete,
 so a save cut short (kill -9, preemption) is never mistaken for a checkpoint.
+A complete step can still be damaged later (a disk or copy error):
+`restore_latest_readable` moves such a step to `<workdir>/checkpoints_unreadable/`
+and resumes from the newest one that reads.
 Paths may be local or `gs://...` (tensorstore).
 """
 
@@ -19,14 +22,21 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints_unreadable"
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint saved for another model (shapes differ): not corruption."""
+
+
 def checkpoint_root(workdir):
+  """`<workdir>/checkpoints`, absolute for local paths."""
   workdir = os.fspath(workdir)
   if "://" in workdir:
     return workdir.rstrip("/") + "/" + CHECKPOINT_DIR
@@ -137,7 +147,7 @@ def check_compatible(mgr, step, name, abstract):
   wanted = _shape_tree(abstract)
   for key in sorted(set(saved) | set(wanted)):
     if saved.get(key) != wanted.get(key):
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"checkpoint {mgr.directory}/{step} does not match this model: {name} {key!r} has "
           f"shape {saved.get(key, 'missing')} in the checkpoint but {wanted.get(key, 'missing')} "
           "in the model (another model size or config?)")
@@ -151,16 +161,86 @@ def restore(workdir, step=None, **abstract_items):
   Returns (dict with 'config' (a ConfigDict), 'meta' and each requested item, step).
   """
   mgr = manager(workdir, create=False)
-  step = _existing_step(mgr, workdir, step)
-  args = {"config": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
-  for name, abstract in abstract_items.items():
-    check_compatible(mgr, step, name, abstract)
-    args[name] = ocp.args.StandardRestore(
-        jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract))
-  out = dict(mgr.restore(step, args=ocp.args.Composite(**args)))
+  try:
+    step = _existing_step(mgr, workdir, step)
+    args = {"config": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+    for name, abstract in abstract_items.items():
+      check_compatible(mgr, step, name, abstract)
+      args[name] = ocp.args.StandardRestore(
+          jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract))
+    out = dict(mgr.restore(step, args=ocp.args.Composite(**args)))
+  finally:
+    mgr.close()
   out["config"] = ml_collections.ConfigDict(out["config"])
-  mgr.close()
   return out, step
+
+
+def _reason(error):
+  """`Type: first line of the message`, without tensorstore's long spec dump."""
+  lines = str(error).strip().splitlines()
+  first = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
+  if len(first) > 300:  # tensorstore puts the cause at the end of a long chain
+    first = first[:120] + " ... " + first[-170:]
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _move_aside(workdir, step):
+  """Move step `step` to `<workdir>/checkpoints_unreadable/<step>[.N]`; returns the new path."""
+  source = epath.Path(checkpoint_root(workdir)) / str(step)
+  aside = epath.Path(os.path.dirname(checkpoint_root(workdir))) / UNREADABLE_DIR
+  aside.mkdir(parents=True, exist_ok=True)
+  target, n = aside / str(step), 0
+  while target.exists():  # an earlier run already put a step of this number aside
+    n += 1
+    target = aside / f"{step}.{n}"
+  source.rename(target)
+  return target
+
+
+def _any_process(flag):
+  """True on every process when `flag` is True on any (a no-op with one process)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def restore_latest_readable(workdir, **abstract_items):
+  """Like `restore(workdir, **abstract_items)` from the newest step that can be read.
+
+  A step that fails to read (truncated or corrupt array file, broken or missing
+  meta / config JSON, a missing item) is logged in one warning line, moved to
+  `<workdir>/checkpoints_unreadable/<step>` by process 0 and the next older step
+  is tried. A shape mismatch with the model (`CheckpointMismatchError`) is not
+  corruption and propagates. Returns (items, step), or (None, None) when no step
+  is readable. Call it before training starts: a directory moved while a save is
+  in flight would break that save.
+  """
+  mgr = manager(workdir, create=False)
+  steps = sorted(mgr.all_steps(), reverse=True)
+  mgr.close()
+  for step in steps:
+    error = None
+    try:
+      result = restore(workdir, step, **abstract_items)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # any read failure = unreadable
+      error = e
+    # All processes must agree on the step: one that read only its own intact shards
+    # must not resume while another gives up on this step.
+    if not _any_process(error is not None):
+      return result
+    path = f"{checkpoint_root(workdir)}/{step}"
+    reason = _reason(error) if error is not None else "unreadable on another process"
+    if jax.process_index() == 0:
+      target = _move_aside(workdir, step)
+      log.warning("checkpoint %s is unreadable (%s); moved it to %s, trying the previous step",
+                  path, reason, target)
+    else:
+      log.warning("checkpoint %s is unreadable (%s); trying the previous step", path, reason)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"mae_jax unreadable checkpoint {step}")
+  return None, None
 
 
 def restore_arrays(workdir, step, name):
@@ -184,8 +264,9 @@ class Preemption:
 
   One process: our handler catches both. Several processes: JAX's preemption
   service owns SIGTERM (Cloud TPU maintenance) and makes all processes agree on
-  the step (`reached_preemption`); SIGUSR1 (SLURM `--signal=USR1@120`, sent to
-  every task) is agreed on by an all-gather at the log interval.
+  the step (`reached_preemption`); SIGUSR1 (SLURM `--signal=B:USR1@120`, which
+  launch/gpu_slurm.sbatch forwards to every task) is agreed on by an all-gather
+  at the log interval.
   """
 
   def __init__(self):
@@ -222,7 +303,12 @@ class Checkpointer:
     return str(self.mgr.directory)
 
   def latest_step(self):
+    """The newest complete step as this manager last listed it."""
     return self.mgr.latest_step()
+
+  def reload(self):
+    """Re-list the steps on disk (after `restore_latest_readable` moved some aside)."""
+    self.mgr.reload()
 
   def should_save(self, step, last_step):
     return step == last_step or (self.every > 0 and step % self.every == 0)

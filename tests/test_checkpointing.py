@@ -1,10 +1,12 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -151,3 +153,84 @@ def test_restore_flag_initialises_a_new_workdir(tmp_path, tiny_config):
   assert [s for s, _ in history] == [5, 6]  # continued from step 4 of the other run
   assert checkpointing.latest_step(tmp_path / "a") == 4  # the source is left alone
   assert not np.array_equal(_params(state)[0], _params(source_state)[0])
+
+
+def _three_steps(workdir):
+  """A real checkpoint with steps 1, 2, 3 of a small params dict (no training)."""
+  config = ml_collections.ConfigDict({"model": {"embed_dim": 32}})
+  for step in (1, 2, 3):
+    params = {"w": np.full((64, 64), step, np.float32), "b": np.arange(64, dtype=np.float32)}
+    checkpointing.save(workdir, step, params, None, {"data": None, "seed": 0}, config)
+  return {"w": jax.ShapeDtypeStruct((64, 64), np.float32),
+          "b": jax.ShapeDtypeStruct((64,), np.float32)}
+
+
+def _assert_fell_back_to_step_2(workdir, abstract, caplog):
+  with caplog.at_level("WARNING", logger="mae_jax.checkpointing"):
+    restored, step = checkpointing.restore_latest_readable(workdir, params=abstract)
+  assert step == 2 and restored["meta"]["step"] == 2
+  np.testing.assert_array_equal(restored["params"]["w"], np.full((64, 64), 2, np.float32))
+  assert sorted(os.listdir(workdir / "checkpoints_unreadable")) == ["3"]
+  assert checkpointing.latest_step(workdir) == 2
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1, warnings
+  assert f"{workdir}/checkpoints/3 is unreadable" in warnings[0]
+  assert "\n" not in warnings[0]
+  return warnings[0]
+
+
+def test_restore_latest_readable_skips_truncated_array_file(tmp_path, caplog):
+  abstract = _three_steps(tmp_path)
+  data = tmp_path / "checkpoints" / "3" / "params" / "d"  # the OCDBT data files of step 3
+  biggest = max(data.iterdir(), key=lambda f: f.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
+  warning = _assert_fell_back_to_step_2(tmp_path, abstract, caplog)
+  assert "ValueError" in warning and "tensorstore_spec" not in warning
+
+
+def test_restore_latest_readable_skips_broken_meta_json(tmp_path, caplog):
+  abstract = _three_steps(tmp_path)
+  (tmp_path / "checkpoints" / "3" / "meta" / "metadata").write_text('{"step": 3, "se')
+  warning = _assert_fell_back_to_step_2(tmp_path, abstract, caplog)
+  assert "JSONDecodeError" in warning
+  # A later bad step 3 (here: its config item missing) goes beside the first, not over it.
+  checkpointing.save(tmp_path, 3, {"w": np.zeros((64, 64), np.float32),
+                                   "b": np.zeros(64, np.float32)}, None, {},
+                     ml_collections.ConfigDict())
+  shutil.rmtree(tmp_path / "checkpoints" / "3" / "config")
+  assert checkpointing.restore_latest_readable(tmp_path, params=abstract)[1] == 2
+  assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["3", "3.1"]
+
+
+def test_restore_latest_readable_shape_mismatch_propagates_and_moves_nothing(tmp_path):
+  _three_steps(tmp_path)
+  other = {"w": jax.ShapeDtypeStruct((64, 32), np.float32),
+           "b": jax.ShapeDtypeStruct((64,), np.float32)}
+  with pytest.raises(ValueError, match=r"params 'w' has shape \(64, 64\) in the checkpoint but "
+                                       r"\(64, 32\) in the model"):
+    checkpointing.restore_latest_readable(tmp_path, params=other)
+  assert not (tmp_path / "checkpoints_unreadable").exists()
+  assert checkpointing.latest_step(tmp_path) == 3
+
+
+def test_restore_latest_readable_none_readable(tmp_path, caplog):
+  assert checkpointing.restore_latest_readable(tmp_path) == (None, None)  # no checkpoints at all
+  abstract = _three_steps(tmp_path)
+  for step in (1, 2, 3):
+    (tmp_path / "checkpoints" / str(step) / "meta" / "metadata").write_text("{")
+  with caplog.at_level("WARNING", logger="mae_jax.checkpointing"):
+    assert checkpointing.restore_latest_readable(tmp_path, params=abstract) == (None, None)
+  assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["1", "2", "3"]
+  assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 3
+  assert checkpointing.latest_step(tmp_path) is None
+
+
+def test_restore_latest_readable_other_processes_move_nothing(tmp_path, monkeypatch, caplog):
+  abstract = _three_steps(tmp_path)
+  (tmp_path / "checkpoints" / "3" / "meta" / "metadata").write_text("{")
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with caplog.at_level("WARNING", logger="mae_jax.checkpointing"):
+    assert checkpointing.restore_latest_readable(tmp_path, params=abstract)[1] == 2
+  assert not (tmp_path / "checkpoints_unreadable").exists()
+  assert (tmp_path / "checkpoints" / "3").is_dir()  # process 0 moves it, not this one
+  assert "checkpoints/3 is unreadable" in caplog.text

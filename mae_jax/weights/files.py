@@ -3,7 +3,9 @@
 torch and safetensors are imported only when a file of theirs is read or written.
 """
 
+import argparse
 import os
+import re
 
 import numpy as np
 
@@ -31,8 +33,58 @@ def _read_safetensors(path):
     raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
+def _first_line(error):
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
+def _refused(message):
+  """What torch's weights_only unpickler refused, e.g. `mypackage.MyClass`; None if no object.
+
+  A file that is no pickle at all (text, a truncated download) fails in the same
+  unpickler with "Unsupported operand": that is not a refused object.
+  """
+  if "Weights only load failed" not in message:
+    return None
+  found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+  if found:
+    return found.group(1)
+  detail = message.split("WeightsUnpickler error:")[-1].strip()
+  if detail.startswith("Unsupported operand"):
+    return None
+  # Other refusals ("Trying to call reduce for unrecognized function ...") name the object
+  # in their first sentence; torch's advice after it is dropped.
+  return _first_line(detail).split(". Please")[0].strip() or "an object torch does not allow"
+
+
+def _load_pth(path):
+  """`torch.load(weights_only=True)` that also reads official training checkpoints.
+
+  `util/misc.save_model` stores its command-line `args` as an argparse.Namespace
+  beside the weights; that class (plain attributes, no code) is the only one
+  allowed. torch's own refusal text is many lines and suggests
+  `weights_only=False` (arbitrary code); we give one line that names the class.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # torch raises many types here
+    refused = _refused(str(e))
+    if refused:
+      raise ValueError(f"{path} holds Python objects that weights_only=True refuses ({refused}); "
+                       "re-save it as {'model': state_dict} with torch.save") from None
+    reason = str(e).split("WeightsUnpickler error:")[-1]  # past torch's weights_only=False advice
+    raise ValueError(f"{path} is not a PyTorch checkpoint readable with weights_only=True: "
+                     f"{type(e).__name__}: {_first_line(reason)}") from e
+
+
 def read_state_dict(path_or_state_dict):
-  """A bare state dict from a `.pth` / `.bin` / `.safetensors` path, `{'model': sd}` or a dict."""
+  """A bare state dict from a `.pth` / `.bin` / `.safetensors` path, `{'model': sd}` or a dict.
+
+  Official training checkpoints (`{'model', 'optimizer', 'epoch', 'scaler', 'args'}`)
+  are read too; only their `model` is kept.
+  """
   source = path_or_state_dict
   if isinstance(source, (str, os.PathLike)):
     if not os.path.isfile(source):
@@ -40,15 +92,11 @@ def read_state_dict(path_or_state_dict):
     if os.fspath(source).endswith(".safetensors"):
       return _read_safetensors(source)
     try:
-      import torch
+      import torch  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError as e:
       raise ImportError(f"reading {source} needs PyTorch (pip install torch==2.13.0); or pass "
                         "a dict of numpy arrays instead of a path") from e
-    try:
-      source = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise ValueError(f"{source} is not a PyTorch checkpoint readable with "
-                       f"weights_only=True: {e}") from e
+    source = _load_pth(source)
   if not isinstance(source, dict):
     raise ValueError(f"expected a state dict or {{'model': state_dict}}, got "
                      f"{type(source).__name__}")
