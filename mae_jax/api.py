@@ -1,4 +1,5 @@
-"""What a Python user calls: `mae_jax.load(...)` and the methods of a loaded model."""
+"""What a Python user calls: `mae_jax.load(...)` and the methods of a loaded model
+(`Pretrained`: encode / reconstruct / loss; `Classifier`: logits / predict / encode)."""
 
 import os
 
@@ -6,6 +7,7 @@ import jax.numpy as jnp
 
 from mae_jax import checkpointing, losses, patches
 from mae_jax import model as model_lib
+from mae_jax.weights import classifier as classifier_weights
 from mae_jax.weights import hf, keys
 from mae_jax.weights import load as weights_load
 from mae_jax.weights import workdir as workdir_lib
@@ -49,12 +51,41 @@ class Pretrained:
 resolve_checkpoint = checkpointing.resolve_checkpoint  # (workdir, step) of a checkpoint path
 
 
+class Classifier:
+  """A restored classifier (fine-tuned / linear probe); images are normalised NHWC float32."""
+
+  def __init__(self, model, config, step=None, meta=None):
+    self.model = model
+    self.config = config
+    self.step = step
+    self.meta = meta or {}
+
+  def logits(self, images):
+    """(B, num_classes) logits in inference mode (BatchNorm uses its running statistics)."""
+    self.model.check_images(images)
+    return self.model(jnp.asarray(images))
+
+  def predict(self, images):
+    """(B,) predicted class ids."""
+    return jnp.argmax(self.logits(images), axis=-1)
+
+  def encode(self, images):
+    """(B, D) pooled features before the head (fc_norm(mean of patch tokens) or cls token)."""
+    self.model.check_images(images)
+    return self.model.features(jnp.asarray(images))
+
+
 def load(path_or_workdir, step=None):
-  """Restore a pre-trained MAE from a workdir (latest step unless `step`) or a step directory.
+  """Restore a workdir (latest step unless `step`) or a step directory: a pre-trained MAE
+  (`Pretrained`) or a fine-tuned / linear-probe classifier (`Classifier`).
 
   Needs no config files: the config saved beside the checkpoint defines the model.
   """
-  model, config, step, meta = workdir_lib.restore_mae(path_or_workdir, step)
+  workdir, step = checkpointing.resolve_checkpoint(path_or_workdir, step)
+  saved, step = checkpointing.restore(workdir, step)
+  if saved["config"].get("task", "pretrain") == "classify":
+    return Classifier(*classifier_weights.restore_classifier(workdir, step))
+  model, config, step, meta = workdir_lib.restore_mae(workdir, step)
   return Pretrained(model, config, step, meta)
 
 

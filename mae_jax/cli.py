@@ -1,7 +1,7 @@
 """What every command-line tool shares: checkpoint / model flags and the user-error contract.
 
 A user error (a missing file, a bad flag value, a checkpoint that does not match) is
-printed as one `error: ...` line naming the flag or file, with a non-zero exit and no
+printed as one `error: ...` line naming the flag or file, with exit status 2 and no
 traceback; anything else is a bug and keeps its traceback.
 """
 
@@ -10,8 +10,9 @@ import sys
 
 from mae_jax import api
 
-USER_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError, ImportError)
-USER_ERROR_EXIT = 1
+USER_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
+               ImportError)
+USER_ERROR_EXIT = 2  # as argparse and absl do for a bad command line
 MODEL_FIELDS = ("img_size", "num_heads", "decoder_embed_dim", "decoder_depth",
                 "decoder_num_heads", "norm_pix_loss")
 

@@ -9,8 +9,8 @@ fine-tuned with `head` / `fc_norm`) and HF `ViTMAEForPreTraining` weights
 (`.safetensors`, `.bin` or a directory with `config.json`) and write an Orbax
 checkpoint directory that `mae_jax.load` opens; exports go the other way. All
 flags: README "Converting checkpoints". The work is done in `mae_jax.weights`;
-the names below are re-exported so that `mae_jax.convert.load_pytorch` & co. keep
-working.
+the names below are re-exported so that `mae_jax.convert.load_pytorch`,
+`load_pytorch_classifier` & co. work from here.
 """
 
 import argparse
@@ -24,6 +24,7 @@ from mae_jax.weights import (CLASSIFIER_PREFIXES, DECODER_PREFIXES, KINDS, Impor
                              import_checkpoint, infer_model_config, is_our_checkpoint,
                              load_pytorch, official_state_dict, official_to_hf, read_state_dict,
                              save_imported, summarise_keys)
+from mae_jax.weights.classifier import load_pytorch_classifier
 from mae_jax.weights.hf import HF_WEIGHTS, hf_config
 from mae_jax.weights.workdir import EXTRAS_ITEM, LEGACY_EXTRAS_FILE
 
@@ -34,7 +35,7 @@ __all__ = [
     "HF_WEIGHTS", "Imported", "KINDS", "add_checkpoint_flags", "add_model_flags",
     "export_checkpoint", "export_state_dict", "full_config", "hf_config", "hf_to_official",
     "import_checkpoint", "infer_model_config", "is_our_checkpoint", "load_any",
-    "load_from_flags", "load_pytorch", "main", "official_state_dict", "official_to_hf",
+    "load_from_flags", "load_pytorch", "load_pytorch_classifier", "main", "official_state_dict", "official_to_hf",
     "read_state_dict", "run_cli", "save_imported", "summarise_keys"]
 
 

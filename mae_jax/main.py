@@ -67,15 +67,18 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   log = setup_logging(jax.process_index() == 0)
-  from mae_jax import train
+  from mae_jax import cli, train
   log.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count(), jax.devices()[0].device_kind)
   log.info("config:\n%s", FLAGS.config)
-  if FLAGS.eval_only:
-    train.evaluate(FLAGS.config, FLAGS.restore)
-    return
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_from=FLAGS.restore)
+  try:
+    if FLAGS.eval_only:
+      train.evaluate(FLAGS.config, FLAGS.restore)
+      return
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_from=FLAGS.restore)
+  except cli.USER_ERRORS as e:
+    cli.user_error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
 
 
 def run():

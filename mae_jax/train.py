@@ -173,29 +173,36 @@ def _log_compiled(compiled, state):
                  "generated_code_size_in_bytes")))
 
 
-def _restore_items(built, source):
-  """(state, data position, step) from one of our checkpoints: params, optimizer, BN stats.
-
-  A checkpoint without optimizer state (converted weights) starts a fresh optimizer.
-  """
-  workdir, step = checkpointing.resolve_checkpoint(*source)
-  step = checkpointing.latest_step(workdir) if step is None else step
+def _wanted_items(built, workdir=None, step=None):
+  """Abstract items to restore, on their target shardings; for a given step only those it has."""
   target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
   wanted = dict(params=target.params)
   for name in ("opt_state", "model_state"):
-    if jax.tree.leaves(getattr(target, name)) and checkpointing.has_item(workdir, step, name):
+    if jax.tree.leaves(getattr(target, name)) and (
+        workdir is None or checkpointing.has_item(workdir, step, name)):
       wanted[name] = getattr(target, name)
-  restored, step = checkpointing.restore(workdir, step, **wanted)
+  return wanted
+
+
+def _state_from(built, restored, step, source):
+  """A TrainState from restored items; without optimizer state a fresh optimizer starts."""
   params = restored["params"]
   if "opt_state" not in restored:
-    log.info("%s/%d has no optimizer state: a fresh optimizer starts from its weights",
-             checkpointing.checkpoint_root(workdir), step)
+    log.info("%s (step %d) has no optimizer state: a fresh optimizer starts from its weights",
+             source, step)
   opt_state = restored["opt_state"] if "opt_state" in restored else built.init_opt(params)
   model_state = (restored["model_state"] if "model_state" in restored
                  else built.init_model_state())
-  state = TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step), params=params,
-                     opt_state=opt_state, model_state=model_state)
-  return state, restored["meta"].get("data"), step
+  return TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step), params=params,
+                    opt_state=opt_state, model_state=model_state)
+
+
+def _restore_items(built, source):
+  """(state, data position, step) from one of our checkpoints (another run's, `--restore`)."""
+  workdir, step = checkpointing.resolve_checkpoint(*source)
+  step = checkpointing.latest_step(workdir) if step is None else step
+  restored, step = checkpointing.restore(workdir, step, **_wanted_items(built, workdir, step))
+  return _state_from(built, restored, step, workdir), restored["meta"].get("data"), step
 
 
 def _from_weights(built, config, source, whole_classifier=False):
@@ -212,14 +219,18 @@ def _from_weights(built, config, source, whole_classifier=False):
   return state
 
 
-def restore_or_init(built, config, workdir, ckpt, restore_from=None):
-  """(state, static, data position, start step): resume, restore, init_from, or initialise."""
-  step = ckpt.latest_step()
+def restore_or_init(built, config, workdir, restore_from=None):
+  """(state, static, data position, start step): resume, restore, init_from, or initialise.
+
+  Runs before the workdir's Checkpointer exists, so a bad source leaves the workdir as it was.
+  """
   init_from = config.get("init_from", "")
-  if step is not None:
-    state, data_state, step = _restore_items(built, (workdir, step))
+  # Resume this run; an unreadable newest step is moved aside and the previous one used.
+  restored, step = checkpointing.restore_latest_readable(workdir, **_wanted_items(built))
+  if restored is not None:
     log.info("resuming from %s/%d", checkpointing.checkpoint_root(workdir), step)
-    return state, built.init_static(), data_state, step
+    state = _state_from(built, restored, step, workdir)
+    return state, built.init_static(), restored["meta"].get("data"), step
   source = restore_from or init_from
   if not source:
     state, static = built.init_fn()
@@ -274,8 +285,8 @@ def evaluate(config, source=None):
     raise ValueError("--eval_only needs a checkpoint: --restore=PATH or --config.init_from=PATH")
   if workdir_lib.is_our_checkpoint(source):
     if not _same_task(config, source):
-      raise ValueError(f"{source} is a checkpoint of another task than config.task="
-                       f"{config.get('task', 'pretrain')!r}")
+      raise ValueError(f"{source} is a pre-training checkpoint: it has no classifier head to "
+                       "evaluate; fine-tune or linear-probe it first (--config.init_from)")
     state = _restore_items(built, (source, None))[0]
   else:
     state = _from_weights(built, config, source, whole_classifier=True)
@@ -297,9 +308,8 @@ def train_and_evaluate(config, workdir, restore_from=None):
   is_chief = jax.process_index() == 0
 
   built = build(config, mesh, total_steps, warmup_steps)
+  state, static, data_state, start_step = restore_or_init(built, config, workdir, restore_from)
   ckpt = checkpointing.Checkpointer(workdir, config)
-  state, static, data_state, start_step = restore_or_init(built, config, workdir, ckpt,
-                                                          restore_from)
   if start_step >= total_steps:
     log.info("%s already holds the final step %d; nothing to do", ckpt.directory, start_step)
     ckpt.close()

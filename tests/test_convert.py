@@ -280,7 +280,7 @@ def test_workdir_with_legacy_extras_side_file_still_loads_and_exports(tmp_path):
 def _cli_error(capsys, argv):
   with pytest.raises(SystemExit) as exit_info:
     convert.run_cli(convert.main, argv)
-  assert exit_info.value.code == 1
+  assert exit_info.value.code == 2
   return capsys.readouterr().err
 
 
@@ -336,5 +336,5 @@ def test_cli_subprocess_import_and_error_exit(tmp_path):
   mc = mae_jax.load(tmp_path / "ours").model.config
   assert (mc.num_heads, mc.decoder_num_heads, mc.norm_pix_loss) == (4, 2, False)
   bad = run("--input", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "x"))
-  assert bad.returncode == 1 and "error: no checkpoint file at" in bad.stderr
+  assert bad.returncode == 2 and "error: no checkpoint file at" in bad.stderr
   assert "Traceback" not in bad.stderr

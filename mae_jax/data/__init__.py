@@ -1,8 +1,10 @@
 """Input data: the ONLY package that imports tensorflow / tensorflow_datasets.
 
-TF is imported lazily (`transforms.tf_modules()`), with every accelerator hidden from it
+TF is imported lazily (`tf_setup.tf_modules()`), with every accelerator hidden from it
 first, so the bundled photos, pictures and the Python API never load TF at all.
 
+- `tf_setup`: the lazy TensorFlow import (accelerators hidden from TF).
+- `augment`: RandAugment (timm rand-m9-mstd0.5-inc1) and random erasing as TF ops.
 - `photos`: the bundled photo set (18 scikit-image photographs; numpy + PIL).
 - `crops`: crop-box samplers in numpy (the TF ops in `transforms` draw the same boxes).
 - `transforms`: pre-training augmentation and the evaluation transform as TF ops.

@@ -23,7 +23,7 @@ a (2,) stateless seed, like `transforms.pretrain_transform`.
 import functools
 import math
 
-from mae_jax.data.transforms import _randint, tf_modules
+from mae_jax.data.tf_setup import randint, tf_modules
 
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), timm's img_mean
 LEVEL_DENOM = 10.0  # magnitudes are on timm's 0..10 scale
@@ -324,8 +324,8 @@ def random_erasing(image_normalised, seed, *, prob=0.25, area=(0.02, 1 / 3),
   first = tf.argmax(tf.cast(fits, tf.int32))  # the first try that fits
   box_h, box_w = box_h[first], box_w[first]
   pos = tf.random.stateless_uniform([2, tries], s_pos)
-  top = _randint(tf, pos[0][first], h - box_h + 1)  # randint(0, H - h), both ends included
-  left = _randint(tf, pos[1][first], w - box_w + 1)
+  top = randint(tf, pos[0][first], h - box_h + 1)  # randint(0, H - h), both ends included
+  left = randint(tf, pos[1][first], w - box_w + 1)
   rows, cols = tf.range(h)[:, None], tf.range(w)[None, :]
   box = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
   erase = tf.reduce_any(fits) & (tf.random.stateless_uniform([], s_apply) <= prob)

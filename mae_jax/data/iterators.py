@@ -15,7 +15,8 @@ import numpy as np
 from mae_jax.data import sources
 from mae_jax.data.crops import CROPS, fixed_size_crop_box, random_resized_crop_box
 from mae_jax.data.photos import BUNDLED, bundled_photos
-from mae_jax.data.transforms import eval_transform, pretrain_transform, tf_modules
+from mae_jax.data.tf_setup import tf_modules
+from mae_jax.data.transforms import eval_transform, pretrain_transform
 from mae_jax.imaging import center_crop, normalize, resize
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import numpy as np
 
 from mae_jax.data.crops import CROPS
 from mae_jax.data.photos import BUNDLED, bundled_photos
-from mae_jax.data.transforms import tf_modules
+from mae_jax.data.tf_setup import tf_modules
 
 log = logging.getLogger(__name__)
 

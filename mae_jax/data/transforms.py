@@ -6,25 +6,12 @@ the shorter side to 256/224 of the size and take the centre crop. Every random d
 keyed by a (2,) stateless seed, so a view is a pure function of (image, seed).
 """
 
-import functools
 import math
 
+from mae_jax.data import augment
 from mae_jax.data.crops import EVAL_CROP_FRACTION
+from mae_jax.data.tf_setup import randint, tf_modules  # noqa: F401  (tf_modules re-exported)
 from mae_jax.imaging import IMAGENET_MEAN, IMAGENET_STD
-
-
-@functools.cache
-def tf_modules():
-  """(tensorflow, tensorflow_datasets), imported on first use with GPUs and TPUs hidden from TF."""
-  import tensorflow as tf
-  for kind in ("GPU", "TPU"):
-    try:  # TF must never take accelerator memory: JAX owns it
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):  # no such device type, or TF already initialised
-      pass
-  import tensorflow_datasets as tfds
-  return tf, tfds
-
 
 
 def random_resized_box(tf, height, width, seed, scale, ratio):
@@ -44,21 +31,16 @@ def random_resized_box(tf, height, width, seed, scale, ratio):
   fh = tf.where(in_ratio < ratio[0], tf.cast(tf.round(w / ratio[0]), tf.int32), height)
   found = tf.reduce_any(fits)
   ch, cw = tf.where(found, ch[first], fh), tf.where(found, cw[first], fw)
-  top = tf.where(found, _randint(tf, u[2][first], height - ch + 1), (height - ch) // 2)
-  left = tf.where(found, _randint(tf, u[3][first], width - cw + 1), (width - cw) // 2)
+  top = tf.where(found, randint(tf, u[2][first], height - ch + 1), (height - ch) // 2)
+  left = tf.where(found, randint(tf, u[3][first], width - cw + 1), (width - cw) // 2)
   return top, left, ch, cw
-
-
-def _randint(tf, u, n):
-  """floor(u * n) for u in [0, 1), clamped against float rounding: an int in [0, n)."""
-  return tf.minimum(tf.cast(tf.floor(u * tf.cast(n, tf.float32)), tf.int32), n - 1)
 
 
 def _fixed_size_box(tf, height, width, seed):
   side = tf.maximum(tf.cast(tf.round(
       tf.cast(tf.minimum(height, width), tf.float32) * EVAL_CROP_FRACTION), tf.int32), 1)
   u = tf.random.stateless_uniform([2], seed)
-  return _randint(tf, u[0], height - side + 1), _randint(tf, u[1], width - side + 1), side, side
+  return randint(tf, u[0], height - side + 1), randint(tf, u[1], width - side + 1), side, side
 
 
 def _center_box(tf, height, width):
@@ -139,7 +121,6 @@ def pretrain_transform(encoded, seed, *, size, crop="random_resized", scale=(0.2
     image = _color_jitter(tf, image, jitter_seed, color_jitter)
   if not (rand_augment_ops or random_erasing):
     return _finish(tf, image, ship_uint8)
-  from mae_jax.data import augment  # pylint: disable=import-outside-toplevel
   # Seeds of their own, so that the pre-training stream above stays what it always was.
   augment_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
       tf.random.experimental.stateless_fold_in(seed, 1), 2))
