@@ -88,6 +88,9 @@ def sized_config(size, arg=None):
       async_save=True,    # write in the background while training continues
   ))
   config.stop_after_steps = -1    # > 0: checkpoint and exit after N steps of this job
+  # Non-finite loss / gradient: the step is skipped (weights unchanged); more than this many
+  # in a row (seen at log intervals) stops the run with an error.
+  config.nan_patience = 20
 
   # Logging and outputs.
   config.log_every = 50           # steps between log lines / TensorBoard scalars

@@ -11,7 +11,7 @@ import sys
 from mae_jax import api
 
 USER_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
-               ImportError)
+               ImportError, FloatingPointError)
 USER_ERROR_EXIT = 2  # as argparse and absl do for a bad command line
 MODEL_FIELDS = ("img_size", "num_heads", "decoder_embed_dim", "decoder_depth",
                 "decoder_num_heads", "norm_pix_loss")

@@ -88,12 +88,22 @@ def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batc
 
   (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  poison = config.get("debug_nonfinite_steps", ())
+  if poison:  # test hook: non-finite gradients at these steps
+    hit = jnp.isin(state.step, jnp.asarray(poison, jnp.int32))
+    grads = jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "loss": loss, "lr": schedule(state.step),
-             "grad_norm": optax.global_norm(grads)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                    model_state=model_state), metrics
+  # NaN / Inf guard: a non-finite loss or gradient leaves params, optimizer and BatchNorm
+  # statistics as they were (the data still advances), so no checkpoint is ever non-finite.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = {**metrics, "loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  return TrainState(step=state.step + 1, params=keep(params, state.params),
+                    opt_state=keep(opt_state, state.opt_state),
+                    model_state=keep(model_state, state.model_state)), metrics
 
 
 def eval_step(task, graphdef, state, static, batch):
@@ -343,6 +353,7 @@ def train_and_evaluate(config, workdir, restore_from=None):
   evaluators = task.evaluators(config)
   stop_after = config.stop_after_steps if config.stop_after_steps > 0 else None
   pending, history = [], []
+  skipped = streak = 0  # non-finite steps skipped in this run / in a row
   tick, tick_step = time.perf_counter(), start_step
   step = start_step
   try:
@@ -356,8 +367,24 @@ def train_and_evaluate(config, workdir, restore_from=None):
               or (stop_after and step - start_step >= stop_after))
       if step % config.log_every == 0 or step == total_steps or stop:
         # One host sync per log interval, not per step.
-        averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                    for k in pending[0]}
+        fetched = jax.device_get(pending)
+        flags = [bool(m["nonfinite"]) for m in fetched]
+        good = [m for m, bad in zip(fetched, flags) if not bad] or fetched
+        averaged = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
+        averaged["nonfinite"] = float(sum(flags))
+        skipped += sum(flags)
+        for bad in flags:
+          streak = streak + 1 if bad else 0
+        if any(flags):
+          log.warning("step %d: %d of the last %d steps had a non-finite loss or gradient and "
+                      "were skipped (%d in this run, %d in a row)", step, sum(flags),
+                      len(flags), skipped, streak)
+        if streak > config.get("nan_patience", 20):
+          raise FloatingPointError(
+              f"{streak} steps in a row up to step {step} had a non-finite loss or gradient "
+              f"(config.nan_patience={config.get('nan_patience', 20)}); the checkpoints in "
+              f"{ckpt.directory} hold only finite weights (the last is step "
+              f"{ckpt.latest_step()}); lower config.base_lr or use float32")
         now = time.perf_counter()
         img_per_s = (step - tick_step) * config.batch_size / (now - tick)
         eta = (total_steps - step) * config.batch_size / img_per_s

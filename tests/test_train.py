@@ -89,3 +89,33 @@ def test_tiny_demo_cli_200_steps(tmp_path):
   assert losses[-1] < 0.7 * losses[0], losses
   assert (tmp_path / "checkpoints" / "200").is_dir()
   assert (tmp_path / "reconstructions.png").is_file()
+
+
+def test_nonfinite_steps_are_skipped_counted_and_weights_stay_finite(tmp_path, tiny_config):
+  straight, _ = train.train_and_evaluate(_short(tiny_config, 10), str(tmp_path / "clean"))
+  config = _short(tiny_config, 10)
+  config.log_every = 5
+  config.debug_nonfinite_steps = (2, 3)  # steps 3 and 4 (0-based 2, 3) get NaN gradients
+  state, history = train.train_and_evaluate(config, str(tmp_path / "poisoned"))
+  assert all(np.isfinite(loss) for _, loss in history)  # the logged loss skips bad steps
+  (event_file,) = os.listdir(tmp_path / "poisoned" / "tensorboard")
+  events = summaries.read_events(str(tmp_path / "poisoned" / "tensorboard" / event_file))
+  logged = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value}
+  assert logged[(5, "nonfinite")] == 2 and logged[(10, "nonfinite")] == 0
+  leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+  assert all(np.isfinite(x).all() for x in leaves)
+  # two skipped updates: the weights differ from the clean run's (the data moved on)
+  assert any(not np.array_equal(a, np.asarray(b))
+             for a, b in zip(leaves, jax.tree.leaves(straight.params)))
+
+
+def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, tiny_config):
+  config = _short(tiny_config, 40)
+  config.checkpoint.every_steps = 10
+  config.nan_patience = 8
+  config.debug_nonfinite_steps = tuple(range(20, 40))
+  with pytest.raises(FloatingPointError, match=r"10 steps in a row up to step 30 .*\(the "
+                                               r"last is step 20\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  restored, step = checkpointing.restore(str(tmp_path))
+  assert step == 20
