@@ -382,9 +382,10 @@ def train_and_evaluate(config, workdir, restore_from=None):
         if streak > config.get("nan_patience", 20):
           raise FloatingPointError(
               f"{streak} steps in a row up to step {step} had a non-finite loss or gradient "
-              f"(config.nan_patience={config.get('nan_patience', 20)}); the checkpoints in "
-              f"{ckpt.directory} hold only finite weights (the last is step "
-              f"{ckpt.latest_step()}); lower config.base_lr or use float32")
+              f"(config.nan_patience={config.get('nan_patience', 20)}); " + (
+                  f"the checkpoints in {ckpt.directory} hold only finite weights (the last "
+                  f"is step {ckpt.latest_step()})" if ckpt.latest_step() is not None else
+                  "no checkpoint was written yet") + "; lower config.base_lr or use float32")
         now = time.perf_counter()
         img_per_s = (step - tick_step) * config.batch_size / (now - tick)
         eta = (total_steps - step) * config.batch_size / img_per_s

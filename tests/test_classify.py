@@ -80,6 +80,8 @@ def test_linear_probe_trains_only_the_head_and_bn_statistics(tmp_path, folders, 
   np.testing.assert_array_equal(after["['blocks'][0]['attn']['qkv']['kernel'].value"],
                                 np.asarray(mae.blocks[0].attn.qkv.kernel[...]))
   np.testing.assert_array_equal(after["['norm']['scale'].value"], np.asarray(mae.norm.scale[...]))
+  np.testing.assert_array_equal(after["['cls_token'].value"], np.asarray(mae.cls_token[...]))
+  np.testing.assert_array_equal(after["['pos_embed'].value"], np.asarray(mae.pos_embed[...]))
 
 
 def test_partial_finetune_k1_trains_last_block_norm_and_head(tmp_path, folders, trained_workdir):

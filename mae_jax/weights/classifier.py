@@ -29,7 +29,8 @@ def classifier_variables(model):
   for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
     key = keys.official_key(path)
     head, _, leaf = key.rpartition(".")
-    out[f"{head}.{_BN_LEAVES.get(leaf, leaf)}"] = (path, var)
+    leaf = _BN_LEAVES.get(leaf, leaf)
+    out[f"{head}.{leaf}" if head else leaf] = (path, var)
   return out
 
 
@@ -81,6 +82,12 @@ def fill(model, state_dict, source, *, encoder_only):
   if bad:
     raise KeyError(f"{source}: does not match the classifier: {len(bad)} missing key(s) "
                    f"{bad[:5]} ({keys.summarise_keys(bad)})")
+  deeper = sorted(k for k in state_dict if k.startswith("blocks.") and k not in expected)
+  if deeper:
+    raise ValueError(f"{source}: has encoder blocks the classifier lacks ("
+                     f"{keys.summarise_keys(deeper)}): the file's depth is "
+                     f"{1 + max(int(k.split('.')[1]) for k in deeper)} but config.model.depth="
+                     f"{model.config.depth}")
   used = []
   for key in wanted:
     if key not in state_dict:
