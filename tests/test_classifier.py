@@ -505,6 +505,8 @@ def test_missing_block_key_is_named():
   del sd["blocks.1.mlp.fc2.bias"]
   with pytest.raises(KeyError, match=r"blocks\.1\.mlp\.fc2\.bias"):
     load_pytorch_classifier(sd, _model_config())
+
+
 def test_deeper_file_than_config_is_refused():
   sd = _official_state_dict(19, 32, 8, 32, 3, 4, 7, True, False)  # depth 3 vs config depth 2
   with pytest.raises((KeyError, ValueError), match="blocks.2|depth"):
