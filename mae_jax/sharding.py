@@ -5,6 +5,7 @@ Parameters carry logical axis names (model.py: "embed", "heads", "mlp", and the
 `fsdp` and `tensor`. The batch is split over (`data`, `fsdp`).
 """
 
+import json
 import math
 
 import jax
@@ -155,3 +156,18 @@ def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying target shardings (restore straight onto any mesh)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_tree, shardings)
+
+
+def allgather_json(obj):
+  """[obj of process 0, obj of process 1, ...]: a JSON-able value from every process.
+
+  For per-process state (each process's data-iterator position) that one process writes.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(rows[i, :sizes[i]])) for i in range(len(sizes))]

@@ -194,6 +194,18 @@ def _wanted_items(built, workdir=None, step=None):
   return wanted
 
 
+def _data_position(meta):
+  """This process's saved data-iterator position (older checkpoints: process 0's for all)."""
+  positions = meta.get("data_per_process")
+  if positions and len(positions) == jax.process_count():
+    return positions[jax.process_index()]
+  if positions:
+    log.warning("the checkpoint holds the data positions of %d processes, this run has %d: "
+                "process 0's position is used, other processes re-read their share from it",
+                len(positions), jax.process_count())
+  return meta.get("data")
+
+
 def _state_from(built, restored, step, source):
   """A TrainState from restored items; without optimizer state a fresh optimizer starts."""
   params = restored["params"]
@@ -212,7 +224,7 @@ def _restore_items(built, source):
   workdir, step = checkpointing.resolve_checkpoint(*source)
   step = checkpointing.latest_step(workdir) if step is None else step
   restored, step = checkpointing.restore(workdir, step, **_wanted_items(built, workdir, step))
-  return _state_from(built, restored, step, workdir), restored["meta"].get("data"), step
+  return _state_from(built, restored, step, workdir), _data_position(restored["meta"]), step
 
 
 def _from_weights(built, config, source, whole_classifier=False):
@@ -240,7 +252,7 @@ def restore_or_init(built, config, workdir, restore_from=None):
   if restored is not None:
     log.info("resuming from %s/%d", checkpointing.checkpoint_root(workdir), step)
     state = _state_from(built, restored, step, workdir)
-    return state, built.init_static(), restored["meta"].get("data"), step
+    return state, built.init_static(), _data_position(restored["meta"]), step
   source = restore_from or init_from
   if not source:
     state, static = built.init_fn()
@@ -403,7 +415,10 @@ def train_and_evaluate(config, workdir, restore_from=None):
       if every > 0 and step % every == 0 and step < total_steps:
         task.periodic(config, _host_model(built, state, static), writer, step)
       if ckpt.should_save(step, total_steps) or stop:
-        ckpt.save(step, state, {"data": batches.state(), "seed": config.seed})
+        # Every process's own iterator position: shards may be uneven across processes.
+        positions = sharding.allgather_json(batches.state())
+        ckpt.save(step, state, {"data": positions[0], "data_per_process": positions,
+                                "seed": config.seed})
       if stop:
         log.info("stopping at step %d (%s); rerun the same command to resume", step,
                  "signal" if ckpt.preemption.requested else "stop_after_steps")

@@ -55,6 +55,8 @@ def test_two_processes_train_checkpoint_once_and_restore(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6"]
   assert len(os.listdir(tmp_path / "tensorboard")) == 1
   assert checkpointing.latest_step(tmp_path) == 6
+  meta = checkpointing.restore(tmp_path)[0]["meta"]  # each process's own data position
+  assert meta["data_per_process"] == [{"step": 6}, {"step": 6}] and meta["data"] == {"step": 6}
   loaded = mae_jax.load(tmp_path)
   images = mae_data.preview_images(2, 32)
   loss = float(loaded.loss(images, noise=np.random.default_rng(0).random((2, 16), np.float32)))

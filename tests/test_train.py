@@ -35,7 +35,8 @@ def test_loop_learns_checkpoints_and_writes_outputs(tmp_path, tiny_config):
                   jax.tree.leaves((state.params, state.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert step == 40 and restored["config"].model.embed_dim == 32
-  assert restored["meta"] == {"step": 40, "data": {"step": 40}, "seed": 0}
+  assert restored["meta"] == {"step": 40, "data": {"step": 40}, "data_per_process": [{"step": 40}],
+                             "seed": 0}
 
   picture = np.asarray(Image.open(tmp_path / "reconstructions.png"))
   scale = 224 // 32
