@@ -16,7 +16,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -42,12 +41,7 @@ def classifier_config(cfg) -> ClassifierConfig:
   if isinstance(cfg, ClassifierConfig):
     cc = cfg
   else:
-    values = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-    known = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown config.classifier field(s) {unknown}; known: {sorted(known)}")
-    cc = ClassifierConfig(**values)
+    cc = ClassifierConfig(**model_lib.config_values(cfg, ClassifierConfig, "classifier"))
   if cc.pool not in POOLS:
     raise ValueError(f"config.classifier.pool={cc.pool!r}; expected one of {POOLS}")
   if cc.head not in HEADS:
@@ -95,11 +89,7 @@ class Classifier(nnx.Module):
 
   def check_images(self, images):
     """Raise a clear error unless images are (B, H, W, C) of the configured size."""
-    expected = self.config.image_shape
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f"images have shape {tuple(images.shape)} but the classifier expects "
-                       f"(batch, {', '.join(map(str, expected))}) (NHWC, img_size="
-                       f"{self.config.img_size})")
+    model_lib.check_images(images, self.config)
 
   def features(self, images, *, train=False, key=None):
     """Pooled encoder features (B, D): fc_norm(mean of patch tokens) or norm(x)[:, 0]."""

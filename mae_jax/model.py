@@ -64,16 +64,23 @@ class ModelConfig:
     return patches.num_keep(self.num_patches, self.mask_ratio)
 
 
+def config_values(cfg, cls, section):
+  """The fields of dataclass `cls` from a ConfigDict / dict; an unknown one is an error that
+  names `config.<section>`."""
+  values = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"unknown config.{section} field(s) {unknown}; known: {sorted(known)}")
+  return values
+
+
 def model_config(cfg) -> ModelConfig:
   """Validated ModelConfig from a ConfigDict / dict / ModelConfig; errors name the field."""
   if isinstance(cfg, ModelConfig):
     mc = cfg
   else:
-    values = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown config.model field(s) {unknown}; known: {sorted(known)}")
+    values = config_values(cfg, ModelConfig, "model")
     if isinstance(values.get("img_size"), (list, tuple)):
       values["img_size"] = tuple(values["img_size"])
     mc = ModelConfig(**values)
@@ -95,6 +102,15 @@ def model_config(cfg) -> ModelConfig:
     raise ValueError(f"config.model.mask_ratio={mc.mask_ratio} keeps no patch of "
                      f"{mc.num_patches}")
   return mc
+
+
+def check_images(images, mc):
+  """Raise a clear error unless images are (B, H, W, C) of ModelConfig `mc`'s size."""
+  expected = mc.image_shape
+  if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+    raise ValueError(f"images have shape {tuple(images.shape)} but config.model expects "
+                     f"(batch, {', '.join(map(str, expected))}) (NHWC, img_size="
+                     f"{mc.img_size}, in_chans={mc.in_chans})")
 
 
 class FixedEmbed(nnx.Variable):
@@ -226,11 +242,7 @@ class MAE(nnx.Module):
 
   def check_images(self, images):
     """Raise a clear error unless images are (B, H, W, C) of the configured size."""
-    expected = self.config.image_shape
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f"images have shape {tuple(images.shape)} but config.model expects "
-                       f"(batch, {', '.join(map(str, expected))}) (NHWC, img_size="
-                       f"{self.config.img_size}, in_chans={self.config.in_chans})")
+    check_images(images, self.config)
 
   def sample_noise(self, batch, key=None, sampler=None):
     """Masking scores (B, L) from `key` (or the model's rngs) for the configured sampler."""

@@ -228,13 +228,18 @@ HEADS = {  # name: (pool, head, num_classes, global_pool, bn_head)
 # ------------------------------------------------------------------------------ parity
 
 
+def _case(case, kind, seed):
+  """(img, pool, head, num_classes, global_pool, bn_head, random official state dict)."""
+  pool, head, num_classes, global_pool, bn_head = HEADS[kind]
+  sd = _official_state_dict(seed, *CASES[case], num_classes, global_pool, bn_head)
+  return CASES[case][0], pool, head, num_classes, global_pool, bn_head, sd
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("kind", sorted(HEADS))
 def test_forward_matches_torch_with_weights_set_directly(case, kind):
   """The Classifier's maths alone (weights placed by hand, no loader)."""
-  img, patch, d, depth, heads = CASES[case]
-  pool, head, num_classes, global_pool, bn_head = HEADS[kind]
-  sd = _official_state_dict(3, *CASES[case], num_classes, global_pool, bn_head)
+  img, pool, head, num_classes, global_pool, bn_head, sd = _case(case, kind, seed=3)
   model = classifier.Classifier(_model_config(*CASES[case]),
                                 dict(num_classes=num_classes, pool=pool, head=head),
                                 rngs=nnx.Rngs(0))
@@ -251,9 +256,7 @@ def test_forward_matches_torch_with_weights_set_directly(case, kind):
 @pytest.mark.parametrize("kind", sorted(HEADS))
 def test_load_pytorch_classifier_matches_torch(case, kind):
   """Pooling, head type and num_classes come from the keys, each on its own; logits match."""
-  img, patch, d, depth, heads = CASES[case]
-  pool, head, num_classes, global_pool, bn_head = HEADS[kind]
-  sd = _official_state_dict(5, *CASES[case], num_classes, global_pool, bn_head)
+  img, pool, head, num_classes, global_pool, bn_head, sd = _case(case, kind, seed=5)
   model = load_pytorch_classifier(sd, _model_config(*CASES[case]))
   cc = model.classifier_config
   assert (cc.pool, cc.head, cc.num_classes) == (pool, head, num_classes)
