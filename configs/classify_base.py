@@ -81,7 +81,8 @@ def _apply(config, arg):
   for item in arg.split(","):
     key = item.split("=", 1)[0].strip()
     for section in ("finetune", "classifier"):
-      if "." not in key and key not in config and key not in config.model and key in config[section]:
+      known_elsewhere = key in config or key in config.model
+      if "." not in key and not known_elsewhere and key in config[section]:
         item = f"{section}.{item.strip()}"
     items.append(item)
   return base.apply_args(config, ",".join(items))

@@ -4,6 +4,6 @@ __version__ = "0.1.0"
 
 
 def load(path_or_workdir, step=None):
-  """Restore a workdir or checkpoint step directory: a pre-trained MAE or a classifier (mae_jax.api)."""
+  """Restore a workdir or step directory: a pre-trained MAE or a classifier (see mae_jax.api)."""
   from mae_jax import api  # pylint: disable=import-outside-toplevel
   return api.load(path_or_workdir, step)

@@ -35,8 +35,8 @@ __all__ = [
     "HF_WEIGHTS", "Imported", "KINDS", "add_checkpoint_flags", "add_model_flags",
     "export_checkpoint", "export_state_dict", "full_config", "hf_config", "hf_to_official",
     "import_checkpoint", "infer_model_config", "is_our_checkpoint", "load_any",
-    "load_from_flags", "load_pytorch", "load_pytorch_classifier", "main", "official_state_dict", "official_to_hf",
-    "read_state_dict", "run_cli", "save_imported", "summarise_keys"]
+    "load_from_flags", "load_pytorch", "load_pytorch_classifier", "main", "official_state_dict",
+    "official_to_hf", "read_state_dict", "run_cli", "save_imported", "summarise_keys"]
 
 
 def main(argv=None):

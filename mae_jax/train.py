@@ -13,34 +13,18 @@ import os
 import time
 import types
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import checkpointing, optim, sharding, summaries, tasks
+from mae_jax import checkpointing, initial_state, optim, sharding, summaries, tasks
+from mae_jax import state as state_lib
 from mae_jax import model as model_lib
-from mae_jax.weights import hf
 from mae_jax.weights import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: nnx.State       # trainable nnx.Param values
-  opt_state: optax.OptState
-  model_state: nnx.State  # what training updates besides params (BatchNorm statistics)
-
-
-@flax.struct.dataclass
-class Static:
-  """What the step needs besides the state; not donated, not checkpointed."""
-  rest: nnx.State         # fixed sin-cos tables and rng state, rebuilt from the config
-  key: jax.Array          # the run's stream: step keys are fold_in(key, step)
 
 
 def schedule_steps(config):
@@ -62,15 +46,12 @@ def _run_key(seed):
   return jax.random.fold_in(jax.random.key(seed), 0x3A5C)  # the run's random stream
 
 
-def _split(task, model):
-  return nnx.split(model, nnx.Param, task.model_state, ...)
-
-
 def _init(task, config, tx):
-  _, params, model_state, rest = _split(task, task.build_model(config, nnx.Rngs(config.seed)))
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+  model = task.build_model(config, nnx.Rngs(config.seed))
+  _, params, model_state, rest = state_lib.split_model(task, model)
+  state = state_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                      model_state=model_state)
-  return state, Static(rest=rest, key=_run_key(config.seed))
+  return state, state_lib.Static(rest=rest, key=_run_key(config.seed))
 
 
 def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batch):
@@ -101,7 +82,7 @@ def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batc
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = {**metrics, "loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
-  return TrainState(step=state.step + 1, params=keep(params, state.params),
+  return state_lib.TrainState(step=state.step + 1, params=keep(params, state.params),
                     opt_state=keep(opt_state, state.opt_state),
                     model_state=keep(model_state, state.model_state)), metrics
 
@@ -116,15 +97,16 @@ def build(config, mesh, total_steps, warmup_steps):
   """Everything to run sharded steps on `mesh`: optimizer, shardings and the jitted steps."""
   task = tasks.get(config)
   abstract_model = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(0)))
-  graphdef, abstract_params, _, _ = _split(task, abstract_model)
+  graphdef, abstract_params, _, _ = state_lib.split_model(task, abstract_model)
   tx, schedule = task.optimizer(config, total_steps, warmup_steps, abstract_params)
   frozen = task.frozen(config, abstract_params) if hasattr(task, "frozen") else None
   abstract_state, abstract_static = jax.eval_shape(lambda: _init(task, config, tx))
   rules = tuple(map(tuple, config.mesh.rules))
   shard = lambda tree: sharding.state_shardings(tree, mesh, rules)
-  state_sh = TrainState(step=sharding.replicated(mesh), params=shard(abstract_state.params),
-                        opt_state=shard(abstract_state.opt_state),
-                        model_state=shard(abstract_state.model_state))
+  state_sh = state_lib.TrainState(step=sharding.replicated(mesh),
+                                  params=shard(abstract_state.params),
+                                  opt_state=shard(abstract_state.opt_state),
+                                  model_state=shard(abstract_state.model_state))
   static_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_static)
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
@@ -183,100 +165,6 @@ def _log_compiled(compiled, state):
                  "generated_code_size_in_bytes")))
 
 
-def _wanted_items(built, workdir=None, step=None):
-  """Abstract items to restore, on their target shardings; for a given step only those it has."""
-  target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
-  wanted = dict(params=target.params)
-  for name in ("opt_state", "model_state"):
-    if jax.tree.leaves(getattr(target, name)) and (
-        workdir is None or checkpointing.has_item(workdir, step, name)):
-      wanted[name] = getattr(target, name)
-  return wanted
-
-
-def _data_position(meta):
-  """This process's saved data-iterator position (older checkpoints: process 0's for all)."""
-  positions = meta.get("data_per_process")
-  if positions and len(positions) == jax.process_count():
-    return positions[jax.process_index()]
-  if positions:
-    log.warning("the checkpoint holds the data positions of %d processes, this run has %d: "
-                "process 0's position is used, other processes re-read their share from it",
-                len(positions), jax.process_count())
-  return meta.get("data")
-
-
-def _state_from(built, restored, step, source):
-  """A TrainState from restored items; without optimizer state a fresh optimizer starts."""
-  params = restored["params"]
-  if "opt_state" not in restored:
-    log.info("%s (step %d) has no optimizer state: a fresh optimizer starts from its weights",
-             source, step)
-  opt_state = restored["opt_state"] if "opt_state" in restored else built.init_opt(params)
-  model_state = (restored["model_state"] if "model_state" in restored
-                 else built.init_model_state())
-  return TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step), params=params,
-                    opt_state=opt_state, model_state=model_state)
-
-
-def _restore_items(built, source):
-  """(state, data position, step) from one of our checkpoints (another run's, `--restore`)."""
-  workdir, step = checkpointing.resolve_checkpoint(*source)
-  step = checkpointing.latest_step(workdir) if step is None else step
-  restored, step = checkpointing.restore(workdir, step, **_wanted_items(built, workdir, step))
-  return _state_from(built, restored, step, workdir), _data_position(restored["meta"]), step
-
-
-def _from_weights(built, config, source, whole_classifier=False):
-  """A fresh state whose params come from `source` via the task (any weights file)."""
-  task = built.task
-  model = task.build_model(config, nnx.Rngs(config.seed))
-  kwargs = dict(whole_classifier=True) if whole_classifier else {}
-  log.info("%s", task.initial_weights(config, model, source, **kwargs))
-  _, params, model_state, _ = _split(task, model)
-  params = jax.device_put(params, built.state_sh.params)
-  state = TrainState(step=jax.device_put(jnp.int32(0), built.state_sh.step), params=params,
-                     opt_state=built.init_opt(params),
-                     model_state=jax.device_put(model_state, built.state_sh.model_state))
-  return state
-
-
-def restore_or_init(built, config, workdir, restore_from=None):
-  """(state, static, data position, start step): resume, restore, init_from, or initialise.
-
-  Runs before the workdir's Checkpointer exists, so a bad source leaves the workdir as it was.
-  """
-  init_from = config.get("init_from", "")
-  # Resume this run; an unreadable newest step is moved aside and the previous one used.
-  restored, step = checkpointing.restore_latest_readable(workdir, **_wanted_items(built))
-  if restored is not None:
-    log.info("resuming from %s/%d", checkpointing.checkpoint_root(workdir), step)
-    state = _state_from(built, restored, step, workdir)
-    return state, built.init_static(), _data_position(restored["meta"]), step
-  source = restore_from or init_from
-  if not source:
-    state, static = built.init_fn()
-    return state, static, None, 0
-  if _is_checkpoint_dir(source) and _same_task(config, source):
-    state, data_state, step = _restore_items(built, (source, None))
-    log.info("restored %s (step %d)", source, step)
-    return state, built.init_static(), data_state if restore_from else None, (
-        step if restore_from else 0)
-  return _from_weights(built, config, source), built.init_static(), None, 0
-
-
-def _is_checkpoint_dir(source):
-  """A folder that is not an HF model directory must be one of our checkpoints."""
-  return workdir_lib.is_our_checkpoint(source) or (
-      os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name))
-                                        for name in hf.HF_WEIGHTS))
-
-
-def _same_task(config, source):
-  saved, _ = checkpointing.restore(*checkpointing.resolve_checkpoint(source))
-  return saved["config"].get("task", "pretrain") == config.get("task", "pretrain")
-
-
 def _host_model(built, state, static):
   return nnx.merge(built.graphdef, sharding.to_host(state.params),
                    sharding.to_host(state.model_state), sharding.to_host(static.rest))
@@ -306,12 +194,12 @@ def evaluate(config, source=None):
   if not source:
     raise ValueError("--eval_only needs a checkpoint: --restore=PATH or --config.init_from=PATH")
   if workdir_lib.is_our_checkpoint(source):
-    if not _same_task(config, source):
+    if not initial_state.same_task(config, source):
       raise ValueError(f"{source} is a pre-training checkpoint: it has no classifier head to "
                        "evaluate; fine-tune or linear-probe it first (--config.init_from)")
-    state = _restore_items(built, (source, None))[0]
+    state = initial_state.restore_items(built, (source, None))[0]
   else:
-    state = _from_weights(built, config, source, whole_classifier=True)
+    state = initial_state.from_weights(built, config, source, whole_classifier=True)
   pairs = run_evaluators(built, task.evaluators(config), state, built.init_static(), mesh)
   for name, value in pairs:
     print(f"{name} {value:.6g}", flush=True)
@@ -330,7 +218,8 @@ def train_and_evaluate(config, workdir, restore_from=None):
   is_chief = jax.process_index() == 0
 
   built = build(config, mesh, total_steps, warmup_steps)
-  state, static, data_state, start_step = restore_or_init(built, config, workdir, restore_from)
+  state, static, data_state, start_step = initial_state.restore_or_init(built, config, workdir,
+                                                                        restore_from)
   ckpt = checkpointing.Checkpointer(workdir, config)
   if start_step >= total_steps:
     log.info("%s already holds the final step %d; nothing to do", ckpt.directory, start_step)

@@ -14,9 +14,10 @@ from flax import nnx
 from PIL import Image
 
 from configs import classify_base
-from mae_jax import classifier, sharding, summaries, train
+from mae_jax import classifier, initial_state, sharding, summaries, train
 from mae_jax import data as mae_data
 from mae_jax.tasks import classify
+from mae_jax.weights import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=32,
@@ -60,7 +61,7 @@ def _initial(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
   classify.TASK.check(config)
   built = train.build(config, mesh, config.total_steps, config.warmup_steps)
-  state = train.restore_or_init(built, config, str(workdir))[0]
+  state = initial_state.restore_or_init(built, config, str(workdir))[0]
   return _leaves(state.params), _leaves(state.model_state)
 
 
@@ -76,7 +77,7 @@ def test_linear_probe_trains_only_the_head_and_bn_statistics(tmp_path, folders, 
   assert all(not np.array_equal(stats_before[k], stats_after[k]) for k in stats_after)
   assert len(history) == 2 and np.isfinite([l for _, l in history]).all()
   # the encoder is the pre-trained one, bit for bit
-  mae = train.workdir_lib.restore_mae(trained_workdir)[0]
+  mae = workdir_lib.restore_mae(trained_workdir)[0]
   np.testing.assert_array_equal(after["['blocks'][0]['attn']['qkv']['kernel'].value"],
                                 np.asarray(mae.blocks[0].attn.qkv.kernel[...]))
   np.testing.assert_array_equal(after["['norm']['scale'].value"], np.asarray(mae.norm.scale[...]))

@@ -60,7 +60,8 @@ class Pretrain:
                        f"decoder {mc.decoder_embed_dim}x{mc.decoder_depth}) does not match "
                        "config.model")
     nnx.update(model, theirs)
-    fresh = f"; freshly initialised: {keys.summarise_keys(imported.fresh)}" if imported.fresh else ""
+    fresh = (f"; freshly initialised: {keys.summarise_keys(imported.fresh)}"
+             if imported.fresh else "")
     return f"weights from {source} ({keys.KINDS[imported.kind]}){fresh}"
 
   def evaluators(self, config):

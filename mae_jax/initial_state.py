@@ -1,0 +1,116 @@
+"""Where a run's state comes from: its own latest readable checkpoint (resume), another
+run's checkpoint (`--restore`), weights of any source (`--restore` of a converted workdir or
+a PyTorch file, `config.init_from`), or a fresh initialisation.
+
+All of it runs before the run's Checkpointer exists, so a bad source leaves the workdir as
+it was.
+"""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mae_jax import checkpointing, sharding
+from mae_jax import state as state_lib
+from mae_jax.weights import hf
+from mae_jax.weights import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+
+def _wanted_items(built, workdir=None, step=None):
+  """Abstract items to restore, on their target shardings; for a given step only those it has."""
+  target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
+  wanted = dict(params=target.params)
+  for name in ("opt_state", "model_state"):
+    if jax.tree.leaves(getattr(target, name)) and (
+        workdir is None or checkpointing.has_item(workdir, step, name)):
+      wanted[name] = getattr(target, name)
+  return wanted
+
+
+def _data_position(meta):
+  """This process's saved data-iterator position (older checkpoints: process 0's for all)."""
+  positions = meta.get("data_per_process")
+  if positions and len(positions) == jax.process_count():
+    return positions[jax.process_index()]
+  if positions:
+    log.warning("the checkpoint holds the data positions of %d processes, this run has %d: "
+                "process 0's position is used, other processes re-read their share from it",
+                len(positions), jax.process_count())
+  return meta.get("data")
+
+
+def _state_from(built, restored, step, source):
+  """A TrainState from restored items; without optimizer state a fresh optimizer starts."""
+  params = restored["params"]
+  if "opt_state" not in restored:
+    log.info("%s (step %d) has no optimizer state: a fresh optimizer starts from its weights",
+             source, step)
+  opt_state = restored["opt_state"] if "opt_state" in restored else built.init_opt(params)
+  model_state = (restored["model_state"] if "model_state" in restored
+                 else built.init_model_state())
+  return state_lib.TrainState(step=jax.device_put(jnp.int32(step), built.state_sh.step),
+                              params=params, opt_state=opt_state, model_state=model_state)
+
+
+def restore_items(built, source):
+  """(state, data position, step) from one of our checkpoints (another run's, `--restore`)."""
+  workdir, step = checkpointing.resolve_checkpoint(*source)
+  step = checkpointing.latest_step(workdir) if step is None else step
+  restored, step = checkpointing.restore(workdir, step, **_wanted_items(built, workdir, step))
+  return _state_from(built, restored, step, workdir), _data_position(restored["meta"]), step
+
+
+def from_weights(built, config, source, whole_classifier=False):
+  """A fresh state whose params come from `source` via the task (any weights file)."""
+  task = built.task
+  model = task.build_model(config, nnx.Rngs(config.seed))
+  kwargs = dict(whole_classifier=True) if whole_classifier else {}
+  log.info("%s", task.initial_weights(config, model, source, **kwargs))
+  _, params, model_state, _ = state_lib.split_model(task, model)
+  params = jax.device_put(params, built.state_sh.params)
+  state = state_lib.TrainState(step=jax.device_put(jnp.int32(0), built.state_sh.step),
+                               params=params, opt_state=built.init_opt(params),
+                               model_state=jax.device_put(model_state,
+                                                          built.state_sh.model_state))
+  return state
+
+
+def restore_or_init(built, config, workdir, restore_from=None):
+  """(state, static, data position, start step): resume, restore, init_from, or initialise.
+
+  Runs before the workdir's Checkpointer exists, so a bad source leaves the workdir as it was.
+  """
+  init_from = config.get("init_from", "")
+  # Resume this run; an unreadable newest step is moved aside and the previous one used.
+  restored, step = checkpointing.restore_latest_readable(workdir, **_wanted_items(built))
+  if restored is not None:
+    log.info("resuming from %s/%d", checkpointing.checkpoint_root(workdir), step)
+    state = _state_from(built, restored, step, workdir)
+    return state, built.init_static(), _data_position(restored["meta"]), step
+  source = restore_from or init_from
+  if not source:
+    state, static = built.init_fn()
+    return state, static, None, 0
+  if _is_checkpoint_dir(source) and same_task(config, source):
+    state, data_state, step = restore_items(built, (source, None))
+    log.info("restored %s (step %d)", source, step)
+    return state, built.init_static(), data_state if restore_from else None, (
+        step if restore_from else 0)
+  return from_weights(built, config, source), built.init_static(), None, 0
+
+
+def _is_checkpoint_dir(source):
+  """A folder that is not an HF model directory must be one of our checkpoints."""
+  return workdir_lib.is_our_checkpoint(source) or (
+      os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name))
+                                        for name in hf.HF_WEIGHTS))
+
+
+def same_task(config, source):
+  saved, _ = checkpointing.restore(*checkpointing.resolve_checkpoint(source))
+  return saved["config"].get("task", "pretrain") == config.get("task", "pretrain")
