@@ -80,7 +80,44 @@ def from_weights(built, config, source, whole_classifier=False):
   return state
 
 
-def restore_or_init(built, config, workdir, restore_from=None):
+# Config fields (dotted prefixes) whose change alters the run a checkpoint belongs to.
+RUN_DEFINING = ("task", "model", "classifier", "finetune", "batch_size", "seed", "epochs",
+                "warmup_epochs", "total_steps", "warmup_steps", "base_lr", "min_lr",
+                "weight_decay", "b1", "b2", "init_from", "data.dataset", "data.folder",
+                "data.split", "data.num_train_examples", "data.crop", "data.crop_scale",
+                "data.crop_ratio", "data.hflip", "data.color_jitter", "data.rand_augment",
+                "data.random_erasing")
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def check_config_change(saved, config, allow=False):
+  """Refuse to resume with a config that defines another run; log the harmless changes.
+
+  Returns the changed fields as 'field: old -> new' strings.
+  """
+  old, new = _flat(saved.to_dict()), _flat(config.to_dict())
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  lines = [f"{k}: {old.get(k, '<absent>')} -> {new.get(k, '<absent>')}" for k in changed]
+  defining = [line for k, line in zip(changed, lines) if k.startswith(RUN_DEFINING)]
+  if defining and not allow:
+    raise ValueError("the config differs from the one this workdir was trained with: "
+                     + "; ".join(defining) + " (pass --allow_config_change to resume anyway, "
+                     "or use another --workdir)")
+  if lines:
+    log.info("config changes since the checkpoint: %s", "; ".join(lines))
+  return lines
+
+
+def restore_or_init(built, config, workdir, restore_from=None, allow_config_change=False):
   """(state, static, data position, start step): resume, restore, init_from, or initialise.
 
   Runs before the workdir's Checkpointer exists, so a bad source leaves the workdir as it was.
@@ -89,6 +126,7 @@ def restore_or_init(built, config, workdir, restore_from=None):
   # Resume this run; an unreadable newest step is moved aside and the previous one used.
   restored, step = checkpointing.restore_latest_readable(workdir, **_wanted_items(built))
   if restored is not None:
+    check_config_change(restored["config"], config, allow_config_change)
     log.info("resuming from %s/%d", checkpointing.checkpoint_root(workdir), step)
     state = _state_from(built, restored, step, workdir)
     return state, built.init_static(), _data_position(restored["meta"]), step

@@ -22,6 +22,9 @@ flags.DEFINE_string("restore", None, "Initialise from this workdir or checkpoint
                     "(`.../checkpoints/<step>`), or from weights without optimizer state (a "
                     "converted workdir, an official / HF file: a fresh optimizer starts), when "
                     "--workdir has no checkpoint yet.")
+flags.DEFINE_bool("allow_config_change", False, "Resume even though the config differs from "
+                  "the checkpoint's in fields that define the run (batch, seed, model, data, "
+                  "schedule); harmless changes (log intervals, ...) are always allowed.")
 flags.DEFINE_bool("eval_only", False, "Evaluate and exit: the checkpoint --restore names, else "
                   "--config.init_from (ours, or an official fine-tuned / linear-probe .pth); "
                   "prints one line per metric. --workdir is not written.")
@@ -76,7 +79,8 @@ def main(argv):
     if FLAGS.eval_only:
       train.evaluate(FLAGS.config, FLAGS.restore)
       return
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_from=FLAGS.restore)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_from=FLAGS.restore,
+                             allow_config_change=FLAGS.allow_config_change)
   except cli.USER_ERRORS as e:
     cli.user_error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
 

@@ -206,8 +206,12 @@ def evaluate(config, source=None):
   return pairs
 
 
-def train_and_evaluate(config, workdir, restore_from=None):
-  """Train as `config` says (auto-resuming from `workdir`); returns (state, loss history)."""
+def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=False):
+  """Train as `config` says (auto-resuming from `workdir`); returns (state, loss history).
+
+  Resuming with a config that defines another run (batch, seed, model, data, schedule) is an
+  error unless `allow_config_change`.
+  """
   task = tasks.get(config)
   model_config = model_lib.model_config(config.model)  # validates before anything heavy
   log.info("data: %s", task.check(config))  # clear errors before any compile
@@ -218,8 +222,8 @@ def train_and_evaluate(config, workdir, restore_from=None):
   is_chief = jax.process_index() == 0
 
   built = build(config, mesh, total_steps, warmup_steps)
-  state, static, data_state, start_step = initial_state.restore_or_init(built, config, workdir,
-                                                                        restore_from)
+  state, static, data_state, start_step = initial_state.restore_or_init(
+      built, config, workdir, restore_from, allow_config_change)
   ckpt = checkpointing.Checkpointer(workdir, config)
   if start_step >= total_steps:
     log.info("%s already holds the final step %d; nothing to do", ckpt.directory, start_step)

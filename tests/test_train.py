@@ -120,3 +120,20 @@ def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, tiny_config)
     train.train_and_evaluate(config, str(tmp_path))
   restored, step = checkpointing.restore(str(tmp_path))
   assert step == 20
+
+
+def test_resume_refuses_a_config_that_defines_another_run(tmp_path, tiny_config):
+  config = _short(tiny_config, 6)
+  config.stop_after_steps = 3
+  train.train_and_evaluate(config, str(tmp_path))
+  config.batch_size, config.seed = 16, 1
+  with pytest.raises(ValueError, match=r"batch_size: 32 -> 16; seed: 0 -> 1 \(pass "
+                                       r"--allow_config_change"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert checkpointing.latest_step(str(tmp_path)) == 3  # nothing was touched
+  config.batch_size, config.seed, config.log_every = 32, 0, 3  # a harmless change: resumes
+  _, history = train.train_and_evaluate(config, str(tmp_path))
+  assert [s for s, _ in history] == [6]
+  config.total_steps = 8
+  _, history = train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+  assert [s for s, _ in history] == [8]
