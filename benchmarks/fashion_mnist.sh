@@ -14,7 +14,7 @@
 # Each training process is killed (by its pid) once its final checkpoint is logged: on this
 # machine it otherwise idles ~1.5 minutes at exit after its last line (see RESULTS.md).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 WORK=${WORK:-/tmp/fmnist}
 FASHION=${FASHION:-/usr/share/datasets/fashion-mnist}
 PRE_STEPS=${PRE_STEPS:-1000}
