@@ -39,7 +39,7 @@ t=$(date +%s)
 convert train train; convert t10k test; convert train train_1pct 60
 echo "== data ready in $(( $(date +%s) - t ))s"
 
-declare -A WALL TOP1
+declare -A WALL
 # train NAME STEPS MARKER CONFIG: one `python -m mae_jax.main` run, logged to logs/NAME.log.
 train() {
   local name=$1 steps=$2 marker=$3 config=$4
