@@ -137,3 +137,34 @@ def test_resume_refuses_a_config_that_defines_another_run(tmp_path, tiny_config)
   config.total_steps = 8
   _, history = train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
   assert [s for s, _ in history] == [8]
+
+
+@pytest.mark.parametrize("as_workdir", [True, False])
+def test_restore_of_weights_without_optimizer_state_starts_a_fresh_optimizer(
+    tmp_path, tiny_config, as_workdir):
+  """Pre-training from converted / official weights (e.g. mae_visualize_vit_large.pth)."""
+  pytest.importorskip("torch")
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from conftest import write_pth  # pylint: disable=import-outside-toplevel
+  from mae_jax import convert, initial_state, sharding  # pylint: disable=import-outside-toplevel
+  from mae_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  source = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(7))
+  pth = write_pth(tmp_path / "official.pth", convert.official_state_dict(source))
+  restore = pth
+  if as_workdir:
+    restore = str(tmp_path / "converted")
+    convert.main(["--input", pth, "--output", restore, "--num_heads=4", "--decoder_num_heads=4"])
+    assert not os.path.exists(tmp_path / "converted" / "checkpoints" / "0" / "opt_state")
+  config = _short(tiny_config, 2)
+  config.log_every, config.warmup_steps = 1, 1
+  built = train.build(config, sharding.make_mesh(config.mesh), 2, 1)
+  state, _, _, step = initial_state.restore_or_init(built, config, str(tmp_path / "run"),
+                                                    restore)
+  assert step == 0
+  for got, want in zip(jax.tree.leaves(sharding.to_host(state.params)),
+                       jax.tree.leaves(nnx.state(source, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  moments = [np.asarray(x) for x in jax.tree.leaves(sharding.to_host(state.opt_state))]
+  assert all(not x.any() for x in moments if x.ndim)  # a fresh AdamW: zero moments
+  _, history = train.train_and_evaluate(config, str(tmp_path / "run"), restore_from=restore)
+  assert [s for s, _ in history] == [1, 2] and np.isfinite([l for _, l in history]).all()
