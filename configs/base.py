@@ -88,9 +88,12 @@ def sized_config(size, arg=None):
       async_save=True,    # write in the background while training continues
   ))
   config.stop_after_steps = -1    # > 0: checkpoint and exit after N steps of this job
-  # Non-finite loss / gradient: the step is skipped (weights unchanged); more than this many
-  # in a row (seen at log intervals) stops the run with an error.
+  # Non-finite loss / gradient: the step is skipped (weights unchanged); more than
+  # `nan_patience` in a row (seen at log intervals) roll the run back to the newest checkpoint
+  # saved with a finite loss, masks re-seeded; after `max_rollbacks` roll-backs it stops
+  # with an error (the good checkpoint stays on disk).
   config.nan_patience = 20
+  config.max_rollbacks = 3
 
   # Logging and outputs.
   config.log_every = 50           # steps between log lines / TensorBoard scalars

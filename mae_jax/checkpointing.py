@@ -13,10 +13,12 @@ and resumes from the newest one that reads.
 Paths may be local or `gs://...` (tensorstore).
 """
 
+import dataclasses
 import logging
 import os
 import signal
 import threading
+from typing import Callable
 
 import jax
 import ml_collections
@@ -27,6 +29,7 @@ from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
+SUSPECT_DIR = "checkpoints_suspect"  # steps after the last good one, set aside by a roll-back
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,41 @@ def checkpoint_root(workdir):
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+@dataclasses.dataclass
+class KeepPolicy:
+  """Which steps survive garbage collection: the last `keep`, every step divisible by
+  `period` (milestones), and the newest step `is_good` says was saved while the loss was
+  finite, so a roll-back always has a target however many suspect steps came after it."""
+  keep: int
+  period: int | None
+  is_good: Callable[[int], bool]
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    n = len(checkpoints)
+    kept = [i >= n - self.keep or bool(self.period and info.step % self.period == 0)
+            for i, info in enumerate(checkpoints)]
+    good = [i for i, info in enumerate(checkpoints) if self.is_good(info.step)]
+    if good:
+      kept[good[-1]] = True
+    return kept
+
+
 def manager(workdir, *, max_to_keep=3, keep_period=None, async_save=False, create=True,
-            writer=False):
+            writer=False, policy=None):
   """A CheckpointManager over `workdir`/checkpoints.
 
   Only the training run (`writer=True`) deletes leftovers of interrupted saves;
-  readers must never touch a save another process has in flight.
+  readers must never touch a save another process has in flight. `policy` (a
+  `KeepPolicy`) replaces max_to_keep / keep_period.
   """
+  keep = dict(max_to_keep=max_to_keep, keep_period=keep_period) if policy is None else dict(
+      preservation_policy=policy)
   return ocp.CheckpointManager(
       checkpoint_root(workdir),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, keep_period=keep_period, create=create,
-          enable_async_checkpointing=async_save, cleanup_tmp_directories=writer))
+          create=create, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=writer, **keep))
 
 
 def _save_args(params, opt_state, meta, config, extra_items=None):
@@ -184,10 +210,10 @@ def _reason(error):
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def _move_aside(workdir, step):
-  """Move step `step` to `<workdir>/checkpoints_unreadable/<step>[.N]`; returns the new path."""
+def move_aside(workdir, step, folder=UNREADABLE_DIR):
+  """Move step `step` to `<workdir>/<folder>/<step>[.N]`; returns the new path."""
   source = epath.Path(checkpoint_root(workdir)) / str(step)
-  aside = epath.Path(os.path.dirname(checkpoint_root(workdir))) / UNREADABLE_DIR
+  aside = epath.Path(os.path.dirname(checkpoint_root(workdir))) / folder
   aside.mkdir(parents=True, exist_ok=True)
   target, n = aside / str(step), 0
   while target.exists():  # an earlier run already put a step of this number aside
@@ -233,7 +259,7 @@ def restore_latest_readable(workdir, **abstract_items):
     path = f"{checkpoint_root(workdir)}/{step}"
     reason = _reason(error) if error is not None else "unreadable on another process"
     if jax.process_index() == 0:
-      target = _move_aside(workdir, step)
+      target = move_aside(workdir, step)
       log.warning("checkpoint %s is unreadable (%s); moved it to %s, trying the previous step",
                   path, reason, target)
     else:
@@ -292,11 +318,39 @@ class Checkpointer:
 
   def __init__(self, workdir, config):
     ck = config.checkpoint
-    self.every = ck.every_steps
-    self.config = config
-    self.mgr = manager(workdir, max_to_keep=ck.keep, async_save=ck.async_save,
-                       keep_period=ck.keep_period if ck.keep_period > 0 else None, writer=True)
+    self.workdir, self.every, self.config = workdir, ck.every_steps, config
+    self._good = {}  # step -> saved while the loss was finite (meta "good")
+    policy = KeepPolicy(ck.keep, ck.keep_period if ck.keep_period > 0 else None, self.is_good)
+    self.mgr = manager(workdir, async_save=ck.async_save, writer=True, policy=policy)
     self.preemption = Preemption()
+
+  def is_good(self, step):
+    """Whether `step` was saved while the loss was finite (steps of older runs: from meta)."""
+    if step not in self._good:
+      try:
+        meta = self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        self._good[step] = bool(meta["meta"].get("good", True))
+      except Exception:  # pylint: disable=broad-except  # unreadable: no roll-back target
+        self._good[step] = False
+    return self._good[step]
+
+  def good_steps(self):
+    """Steps on disk saved while the loss was finite, oldest first."""
+    return [step for step in self.mgr.all_steps() if self.is_good(step)]
+
+  def set_aside_after(self, step):
+    """Move every step newer than `step` to `<workdir>/checkpoints_suspect/`; returns them."""
+    self.mgr.wait_until_finished()
+    newer = [s for s in self.mgr.all_steps() if s > step]
+    if newer and jax.process_index() == 0:
+      for s in newer:
+        move_aside(self.workdir, s, SUSPECT_DIR)
+    if newer and jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"mae_jax set aside after {step}")
+    for s in newer:
+      self._good.pop(s, None)
+    self.mgr.reload()
+    return newer
 
   @property
   def directory(self):
@@ -334,6 +388,7 @@ class Checkpointer:
     item `model_state`.
     """
     extra = {"model_state": state.model_state} if jax.tree.leaves(state.model_state) else {}
+    self._good[int(step)] = bool(meta.get("good", True))
     self.mgr.save(step, args=_save_args(state.params, state.opt_state,
                                         dict(meta, step=int(step)), self.config, extra),
                   force=True)

@@ -65,6 +65,12 @@ def restore_items(built, source):
   return _state_from(built, restored, step, workdir), _data_position(restored["meta"]), step
 
 
+def restore_step(built, workdir, step):
+  """(state, this process's data position) from step `step` of this run's own `workdir`."""
+  restored, _ = checkpointing.restore(workdir, step, **_wanted_items(built, workdir, step))
+  return _state_from(built, restored, step, workdir), _data_position(restored["meta"])
+
+
 def from_weights(built, config, source, whole_classifier=False):
   """A fresh state whose params come from `source` via the task (any weights file)."""
   task = built.task
@@ -129,7 +135,8 @@ def restore_or_init(built, config, workdir, restore_from=None, allow_config_chan
     check_config_change(restored["config"], config, allow_config_change)
     log.info("resuming from %s/%d", checkpointing.checkpoint_root(workdir), step)
     state = _state_from(built, restored, step, workdir)
-    return state, built.init_static(), _data_position(restored["meta"]), step
+    rollbacks = restored["meta"].get("rollbacks", 0)  # the masks of the last roll-back
+    return state, built.init_static(rollbacks), _data_position(restored["meta"]), step
   source = restore_from or init_from
   if not source:
     state, static = built.init_fn()

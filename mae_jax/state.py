@@ -19,6 +19,7 @@ class Static:
   """What the step needs besides the state; not donated, not checkpointed."""
   rest: nnx.State         # fixed sin-cos tables and rng state, rebuilt from the config
   key: jax.Array          # the run's stream: step keys are fold_in(key, step)
+  attempt: jax.Array      # roll-backs so far (int32); each one re-seeds `key`
 
 
 def split_model(task, model):

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from mae_jax import checkpointing, initial_state, optim, sharding, summaries, tasks
+from mae_jax import guard as guard_lib
 from mae_jax import state as state_lib
 from mae_jax import model as model_lib
 from mae_jax.weights import workdir as workdir_lib
@@ -42,16 +43,19 @@ def schedule_steps(config):
   return total, warmup
 
 
-def _run_key(seed):
-  return jax.random.fold_in(jax.random.key(seed), 0x3A5C)  # the run's random stream
+def _run_key(seed, attempt=0):
+  """The run's random stream; a roll-back (`attempt` > 0) re-seeds the replayed steps."""
+  key = jax.random.fold_in(jax.random.key(seed), 0x3A5C)
+  return jax.random.fold_in(key, attempt) if attempt else key
 
 
-def _init(task, config, tx):
+def _init(task, config, tx, attempt=0):
   model = task.build_model(config, nnx.Rngs(config.seed))
   _, params, model_state, rest = state_lib.split_model(task, model)
   state = state_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                      model_state=model_state)
-  return state, state_lib.Static(rest=rest, key=_run_key(config.seed))
+  return state, state_lib.Static(rest=rest, key=_run_key(config.seed, attempt),
+                                 attempt=jnp.int32(attempt))
 
 
 def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batch):
@@ -70,8 +74,8 @@ def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batc
   (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   poison = config.get("debug_nonfinite_steps", ())
-  if poison:  # test hook: non-finite gradients at these steps
-    hit = jnp.isin(state.step, jnp.asarray(poison, jnp.int32))
+  if poison:  # test hook: non-finite gradients at these steps (before any roll-back)
+    hit = jnp.isin(state.step, jnp.asarray(poison, jnp.int32)) & (static.attempt == 0)
     grads = jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -119,7 +123,9 @@ def build(config, mesh, total_steps, warmup_steps):
              if hasattr(task, "eval_sums") else None)
   init_fn = jax.jit(lambda: _init(task, config, tx), out_shardings=(state_sh, static_sh))
   # On restore only the small fixed part is built: no throw-away copy of params + moments.
-  init_static = jax.jit(lambda: _init(task, config, tx)[1], out_shardings=static_sh)
+  static_fn = jax.jit(lambda attempt: _init(task, config, tx, attempt)[1], static_argnums=0,
+                      out_shardings=static_sh)
+  init_static = lambda attempt=0: static_fn(int(attempt))
   init_opt = jax.jit(tx.init, out_shardings=state_sh.opt_state)
   init_model_state = jax.jit(lambda: _init(task, config, tx)[0].model_state,
                              out_shardings=state_sh.model_state)
@@ -257,15 +263,16 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
   writer = summaries.SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
   evaluators = task.evaluators(config)
   stop_after = config.stop_after_steps if config.stop_after_steps > 0 else None
+  guard = guard_lib.Guard(config, rollbacks=int(jax.device_get(static.attempt)))
   pending, history = [], []
-  skipped = streak = 0  # non-finite steps skipped in this run / in a row
   tick, tick_step = time.perf_counter(), start_step
   step = start_step
   try:
     while step < total_steps:
-      if step > start_step:
+      if batch is None:
         batch = sharding.global_batch(next(batches), mesh)
       state, metrics = compiled(state, static, batch)
+      batch = None
       pending.append(metrics)
       step += 1
       stop = (ckpt.stop_requested(step, sync=step % config.log_every == 0)
@@ -277,20 +284,6 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
         good = [m for m, bad in zip(fetched, flags) if not bad] or fetched
         averaged = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
         averaged["nonfinite"] = float(sum(flags))
-        skipped += sum(flags)
-        for bad in flags:
-          streak = streak + 1 if bad else 0
-        if any(flags):
-          log.warning("step %d: %d of the last %d steps had a non-finite loss or gradient and "
-                      "were skipped (%d in this run, %d in a row)", step, sum(flags),
-                      len(flags), skipped, streak)
-        if streak > config.get("nan_patience", 20):
-          raise FloatingPointError(
-              f"{streak} steps in a row up to step {step} had a non-finite loss or gradient "
-              f"(config.nan_patience={config.get('nan_patience', 20)}); " + (
-                  f"the checkpoints in {ckpt.directory} hold only finite weights (the last "
-                  f"is step {ckpt.latest_step()})" if ckpt.latest_step() is not None else
-                  "no checkpoint was written yet") + "; lower config.base_lr or use float32")
         now = time.perf_counter()
         img_per_s = (step - tick_step) * config.batch_size / (now - tick)
         eta = (total_steps - step) * config.batch_size / img_per_s
@@ -301,6 +294,18 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
         writer.flush()
         history.append((step, averaged["loss"]))
         pending, tick, tick_step = [], now, step
+        if guard.count(flags, step):  # past nan_patience: back to the last good checkpoint
+          good_step = guard.rollback_target(ckpt, step, "lower config.base_lr or use float32")
+          moved = ckpt.set_aside_after(good_step)
+          if moved:
+            log.info("moved the suspect checkpoint(s) %s to %s", moved,
+                     os.path.join(workdir, checkpointing.SUSPECT_DIR))
+          state, data_state = initial_state.restore_step(built, workdir, good_step)
+          static = built.init_static(guard.rollbacks)
+          batches.restore(data_state)
+          step, history = good_step, [h for h in history if h[0] <= good_step]
+          tick, tick_step = time.perf_counter(), step
+          continue
       due = [ev for ev in evaluators if ev.every_steps > 0 and step % ev.every_steps == 0]
       if due and step < total_steps:
         _log_evals(run_evaluators(built, due, state, static, mesh), writer, step)
@@ -310,8 +315,10 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
       if ckpt.should_save(step, total_steps) or stop:
         # Every process's own iterator position: shards may be uneven across processes.
         positions = sharding.allgather_json(batches.state())
+        flags = [bool(f) for f in jax.device_get([m["nonfinite"] for m in pending])]
         ckpt.save(step, state, {"data": positions[0], "data_per_process": positions,
-                                "seed": config.seed})
+                                "seed": config.seed, "rollbacks": guard.rollbacks,
+                                "good": guard.streak_after(flags) == 0})
       if stop:
         log.info("stopping at step %d (%s); rerun the same command to resume", step,
                  "signal" if ckpt.preemption.requested else "stop_after_steps")

@@ -1,3 +1,4 @@
+import copy
 import os
 import re
 import subprocess
@@ -36,7 +37,7 @@ def test_loop_learns_checkpoints_and_writes_outputs(tmp_path, tiny_config):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert step == 40 and restored["config"].model.embed_dim == 32
   assert restored["meta"] == {"step": 40, "data": {"step": 40}, "data_per_process": [{"step": 40}],
-                             "seed": 0}
+                             "seed": 0, "rollbacks": 0, "good": True}
 
   picture = np.asarray(Image.open(tmp_path / "reconstructions.png"))
   scale = 224 // 32
@@ -110,16 +111,66 @@ def test_nonfinite_steps_are_skipped_counted_and_weights_stay_finite(tmp_path, t
              for a, b in zip(leaves, jax.tree.leaves(straight.params)))
 
 
-def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, tiny_config):
-  config = _short(tiny_config, 40)
-  config.checkpoint.every_steps = 10
-  config.nan_patience = 8
-  config.debug_nonfinite_steps = tuple(range(20, 40))
-  with pytest.raises(FloatingPointError, match=r"10 steps in a row up to step 30 .*\(the "
-                                               r"last is step 20\)"):
-    train.train_and_evaluate(config, str(tmp_path))
-  restored, step = checkpointing.restore(str(tmp_path))
-  assert step == 20
+def _logged(workdir, tag):
+  """{step: value} of a scalar across all event files; a replayed step keeps its last value."""
+  out = {}
+  folder = os.path.join(workdir, "tensorboard")
+  for name in sorted(os.listdir(folder)):
+    for e in summaries.read_events(os.path.join(folder, name)):
+      out.update({e.step: v.simple_value for v in e.summary.value if v.tag == tag})
+  return out
+
+
+def test_nonfinite_streak_rolls_back_to_the_last_good_checkpoint_with_new_masks(
+    tmp_path, tiny_config, caplog):
+  config = _short(copy.deepcopy(tiny_config), 40)
+  config.log_every, config.checkpoint.every_steps, config.checkpoint.keep = 5, 10, 1
+  config.nan_patience = 12
+  config.debug_nonfinite_steps = tuple(range(15, 40))  # 0-based: steps 16.. of the 1st pass
+  with caplog.at_level("INFO", logger="mae_jax"):
+    state, history = train.train_and_evaluate(config, str(tmp_path / "run"))
+  # streak 5 at the save of 20 and 15 at 30: both suspect; 10 is the good one, kept
+  # although keep=1; the streak passes 12 at step 30 (15 in a row) -> back to 10
+  text = caplog.text
+  assert ("15 steps in a row up to step 30 had a non-finite loss or gradient (config.nan_"
+          "patience=12): rolling back to checkpoint 10 (the last saved with a finite loss), "
+          "masks re-seeded (roll-back 1 of config.max_rollbacks=3)") in text
+  assert "moved the suspect checkpoint(s) [20]" in text
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints_suspect")) == ["20"]
+  assert [s for s, _ in history] == list(range(5, 41, 5)) and all(np.isfinite(l) for _, l in history)
+  assert int(state.step) == 40
+  restored, step = checkpointing.restore(str(tmp_path / "run"))
+  assert step == 40 and restored["meta"]["rollbacks"] == 1 and restored["meta"]["good"]
+  # the replay of 11..40 is finite on disk too (the last logged value of each step)
+  nonfinite = _logged(str(tmp_path / "run"), "nonfinite")
+  assert nonfinite[20] == 0 and nonfinite[40] == 0
+  # re-seeded masks: the same data from step 10 on, yet not the clean run's steps
+  clean = _short(tiny_config, 40)
+  clean.log_every, clean.checkpoint.every_steps = 5, 10
+  clean_state, clean_history = train.train_and_evaluate(clean, str(tmp_path / "clean"))
+  # (the poison hook changes the compiled program: equal up to float rounding before 10)
+  clean_loss, loss = dict(clean_history), dict(history)
+  assert abs(clean_loss[10] - loss[10]) < 1e-5, (clean_loss, loss)
+  assert all(abs(clean_loss[s] - loss[s]) > 1e-4 for s in range(15, 41, 5)), (clean_loss, loss)
+
+
+def test_base_lr_1e9_gives_up_after_max_rollbacks_and_keeps_the_good_checkpoint(
+    tmp_path, tiny_config):
+  config = _short(copy.deepcopy(tiny_config), 10)
+  config.log_every, config.checkpoint.every_steps, config.checkpoint.keep = 5, 5, 1
+  train.train_and_evaluate(config, str(tmp_path))  # a good checkpoint at step 10
+  diverge = _short(tiny_config, 60)
+  diverge.log_every, diverge.checkpoint.every_steps, diverge.checkpoint.keep = 5, 5, 1
+  diverge.base_lr, diverge.nan_patience, diverge.max_rollbacks = 1e9, 4, 2
+  with pytest.raises(FloatingPointError, match=(
+      r"steps in a row up to step \d+ had a non-finite loss or gradient \(config.nan_patience"
+      r"=4\) after 2 roll-back\(s\) \(config.max_rollbacks=2\); the last good checkpoint "
+      r"is step 10 in .* \(newer, suspect steps are in checkpoints_suspect/\); lower config.base_lr")):
+    train.train_and_evaluate(diverge, str(tmp_path), allow_config_change=True)
+  assert checkpointing.latest_step(str(tmp_path)) == 10  # suspect steps are set aside
+  restored, _ = checkpointing.restore(str(tmp_path), 10)
+  assert restored["meta"]["good"] and restored["config"].base_lr == config.base_lr
+  assert os.listdir(tmp_path / "checkpoints_suspect")
 
 
 def test_resume_refuses_a_config_that_defines_another_run(tmp_path, tiny_config):
