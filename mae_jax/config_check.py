@@ -134,7 +134,7 @@ def check(config, *, restore=None):
     classifier.classifier_config(values)
   sharding.check_batch(config.batch_size, sharding.make_mesh(config.mesh))
   _check_exists("config.init_from", config.get("init_from", ""), WEIGHTS)
-  _check_exists("--restore", restore, f"a workdir, a checkpoint step directory or {WEIGHTS}")
+  _check_exists("--restore", restore, WEIGHTS)
 
 
 def _cause(error):

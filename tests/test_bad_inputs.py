@@ -108,7 +108,7 @@ def test_bad_input_is_one_clear_error(argv, message):
 
 def test_bad_restore_path_is_a_clear_error():
   assert _error([TINY], restore="/nonexistent/run").startswith(
-      "--restore=/nonexistent/run does not exist; expected a workdir")
+      "--restore=/nonexistent/run does not exist; expected an mae_jax workdir")
 
 
 @pytest.mark.parametrize("source,message", [
