@@ -70,12 +70,13 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   log = setup_logging(jax.process_index() == 0)
-  from mae_jax import cli, train
+  from mae_jax import cli, config_check, train
   log.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count(), jax.devices()[0].device_kind)
   log.info("config:\n%s", FLAGS.config)
   try:
+    config_check.check(FLAGS.config, restore=FLAGS.restore)  # before any compile or write
     if FLAGS.eval_only:
       train.evaluate(FLAGS.config, FLAGS.restore)
       return
@@ -85,9 +86,23 @@ def main(argv):
     cli.user_error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
 
 
+def parse_flags(argv):
+  """absl's flag parsing; a bad flag or a --config file that fails to load is one `error:` line."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.get("task")  # a --config that failed to load raises here
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except
+    from mae_jax import cli, config_check  # pylint: disable=import-outside-toplevel
+    message = config_check.load_error(e, argv)
+    if message is None:
+      raise
+    cli.user_error(message)
+
+
 def run():
   setup_logging()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
