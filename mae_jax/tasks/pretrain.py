@@ -18,8 +18,10 @@ class Pretrain:
   model_state = nnx.BatchStat  # none in the MAE: the filter simply matches nothing
 
   def check(self, config):
+    """Validate the config; the epoch length comes from the dataset unless the config sets it."""
     model_lib.model_config(config.model)
-    return data.check_data(config)
+    description = data.check_data(config)
+    return f"{description}; {data.sources.fill_epoch_length(config)}"
 
   def build_model(self, config, rngs):
     return model_lib.MAE(config.model, rngs=rngs)
