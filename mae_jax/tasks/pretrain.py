@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mae_jax import data, imaging, optim, patches, pictures
+from mae_jax import data, flops, imaging, optim, patches, pictures
 from mae_jax import model as model_lib
 from mae_jax.weights import keys, load
 
@@ -25,6 +25,10 @@ class Pretrain:
 
   def build_model(self, config, rngs):
     return model_lib.MAE(config.model, rngs=rngs)
+
+  def flops_per_image(self, config):
+    """Analytic training FLOPs per image (for MFU): fwd + bwd = 3 x fwd, see mae_jax.flops."""
+    return flops.train_flops_per_image(config.model)
 
   def optimizer(self, config, total_steps, warmup_steps, abstract_params):
     """AdamW (b2 .95, decay on ndim >= 2), linear lr scaling, warm-up + half-cycle cosine."""
