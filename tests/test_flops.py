@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from jax.extend import core as jax_core
 
 from configs import vit_b, vit_h, vit_l
+from jaxprs import equations
 from mae_jax import flops
 from mae_jax import model as model_lib
 
@@ -20,34 +20,21 @@ SMALL = dict(img_size=32, patch_size=8, embed_dim=512, depth=1, num_heads=4,
              decoder_embed_dim=256, decoder_depth=1, decoder_num_heads=4)
 
 
-def _sub_jaxprs(value):
-  if isinstance(value, jax_core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, jax_core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for item in value:
-      yield from _sub_jaxprs(item)
-
-
 def traced_matmul_flops(jaxpr):
   """2 x multiply-adds of every dot_general / convolution in `jaxpr` (nested ones included),
   read off the operand shapes: a count independent of mae_jax.flops."""
   total = 0
-  for eqn in jaxpr.eqns:
+  for eqn, times in equations(jaxpr):
     if eqn.primitive.name == "dot_general":
       lhs, rhs = (v.aval.shape for v in eqn.invars)
       (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
       free = [n for i, n in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-      total += 2 * math.prod(lhs) * math.prod(free)
+      total += times * 2 * math.prod(lhs) * math.prod(free)
     elif eqn.primitive.name == "conv_general_dilated":
       assert eqn.params["feature_group_count"] == eqn.params["batch_group_count"] == 1
       rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
-      total += 2 * math.prod(out) * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-    repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-    for value in eqn.params.values():
-      for sub in _sub_jaxprs(value):
-        total += repeat * traced_matmul_flops(sub)
+      out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += times * 2 * math.prod(out) * math.prod(rhs) // out_features
   return total
 
 

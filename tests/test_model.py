@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from conftest import official_sincos_table
+from jaxprs import equations
 from mae_jax import model as model_lib
 from mae_jax import patches
 
@@ -126,12 +127,35 @@ def test_mask_tokens_in_encoder_ablation(tiny_config):
   assert pred.shape == (2, 16, 192) and np.isfinite(float(loss))
 
 
-def test_bfloat16_compute_runs(tiny_config):
-  mc = dict(tiny_config.model.to_dict(), dtype="bfloat16")
-  m = model_lib.MAE(mc, rngs=nnx.Rngs(0))
-  loss, pred, _ = m(jnp.ones((2, 32, 32, 3)), key=jax.random.key(0))
-  assert pred.dtype == jnp.float32 and np.isfinite(float(loss))
-  assert m.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32  # params stay float32
+def _traced_forward(model, x, noise):
+  """(loss, pred, [(operand dtypes, result dtype)] of every dot_general / convolution)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forward = lambda p, r: nnx.merge(graphdef, p, r)(x, noise=noise)[:2]
+  jaxpr = jax.make_jaxpr(forward)(params, rest).jaxpr
+  dtypes = [(tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype))
+            for eqn, _ in equations(jaxpr)
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated")]
+  return *jax.jit(forward)(params, rest), dtypes
+
+
+def test_bfloat16_compute(tiny_config):
+  """dtype=bfloat16 puts every matmul in bf16 (params stay float32): the loss moves a little."""
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(1), (2, 16))
+  fp32 = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(0))
+  bf16 = model_lib.MAE(dict(tiny_config.model.to_dict(), dtype="bfloat16"), rngs=nnx.Rngs(0))
+  assert bf16.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32  # params stay float32
+  loss_low, pred_low, low = _traced_forward(bf16, x, noise)
+  loss_full, pred_full, full = _traced_forward(fp32, x, noise)
+  # patch embed + (qkv, 2 attention, proj, fc1, fc2) per block + decoder_embed + decoder_pred
+  assert len(low) == len(full) == 1 + 6 * 3 + 2
+  assert all(operands == ("bfloat16", "bfloat16") for operands, _ in low), low
+  assert all(operands == ("float32", "float32") and out == "float32" for operands, out in full)
+  assert pred_low.dtype == jnp.float32 and np.isfinite(float(loss_low))
+  assert float(loss_low) != float(loss_full)  # same weights, rounded compute
+  np.testing.assert_allclose(float(loss_low), float(loss_full), rtol=1e-2)
+  assert not np.array_equal(pred_low, pred_full)
+  np.testing.assert_allclose(pred_low, pred_full, atol=0.05 * float(jnp.std(pred_full)))
 
 
 @pytest.mark.parametrize("override,message", [
