@@ -19,8 +19,7 @@ IMAGENET_SPLITS = {"train": 1_281_167, "validation": 50_000}
 def imagenet_metadata(tmp_path_factory):
   """A TFDS data_dir holding only imagenet2012's dataset_info.json (the real split sizes, no
   records): what `builder.info` reads, without the 150 GB."""
-  tf, tfds = sources.tf_modules()
-  del tf
+  _, tfds = sources.tf_modules()
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   splits = [tfds.core.SplitInfo(
