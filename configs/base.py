@@ -41,7 +41,7 @@ def sized_config(size, arg=None):
   # prepared data_dir (see README "Data"). Augmentation = the paper's recipe by default.
   config.data = ml_collections.ConfigDict(dict(
       dataset="bundled_photos",  # bundled_photos | image_folder | a TFDS name (imagenet2012, ...)
-      num_train_examples=IMAGENET_TRAIN_EXAMPLES,  # defines an epoch for the schedule
+      num_train_examples=-1,    # one epoch for the schedule; -1: the size of `split`
       data_dir="",              # TFDS data_dir, local or gs:// ("" = TFDS default)
       manual_dir="",            # ILSVRC2012_img_{train,val}.tar: prepares imagenet2012 if needed
       folder="",                # image_folder root: folder/<class>/<image>

@@ -26,11 +26,18 @@ def test_every_config_file_is_covered():
   assert {"base.py", "tiny.py", "vit_b.py", "vit_l.py", "vit_h.py"} <= names
 
 
+def _imagenet_sizes(config):
+  """What `task.check` takes from the dataset (-1 in the config), as ImageNet's; no data read."""
+  if config.data.num_train_examples <= 0:
+    config.data.num_train_examples = base.IMAGENET_TRAIN_EXAMPLES
+  if config.get("task", "pretrain") == "classify" and config.classifier.num_classes <= 0:
+    config.classifier.num_classes = 1000
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_loads_and_builds_abstractly(path):
   config = _load(path)
-  if config.get("task", "pretrain") == "classify":  # sizes come from the dataset (ImageNet here)
-    config.classifier.num_classes, config.data.num_train_examples = 1000, base.IMAGENET_TRAIN_EXAMPLES
+  _imagenet_sizes(config)
   task = tasks.get(config)
   abstract = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(0)))  # validates fields
   assert model_lib.count_params(abstract) > 0
@@ -48,6 +55,7 @@ def test_paper_recipe(name, size, patch):
   assert config.model.norm_pix_loss and (config.b1, config.b2, config.weight_decay) == (0.9, 0.95,
                                                                                       0.05)
   assert (config.model.decoder_embed_dim, config.model.decoder_depth) == (512, 8)
+  _imagenet_sizes(config)  # tests/test_epoch_length.py reads it from imagenet2012's split info
   total, warmup = train.schedule_steps(config)
   assert (total, warmup) == (800 * (1281167 // 4096), 40 * (1281167 // 4096))
 

@@ -2,9 +2,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from flax import nnx
 
 from conftest import official_sincos_table
+from jaxprs import equations
 from mae_jax import model as model_lib
 from mae_jax import patches
 
@@ -114,24 +116,128 @@ def test_encoder_sees_only_visible_tokens(tiny_config):
   np.testing.assert_allclose(m.encode_masked(y, masking), m.encode_masked(x, masking), atol=1e-6)
 
 
+def _numpy_weights(model):
+  """{'blocks.0.attn.qkv.kernel': float64 array, ...} of every Param of `model`."""
+  return {".".join(map(str, path)): np.asarray(v[...], np.float64)
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _reference_mae_with_mask_tokens_in_encoder(w, images, noise, cfg):
+  """(loss, pred, mask, encoder output) in float64 numpy, written from the paper's ablation:
+  every patch enters the encoder, the removed ones as the encoder's mask token + their
+  position; the decoder takes all 1 + L tokens as they are (no mask-token insertion)."""
+  p, d, heads, dec_heads = cfg["patch_size"], cfg["embed_dim"], cfg["num_heads"], cfg[
+      "decoder_num_heads"]
+  batch, height, width, chans = images.shape
+  rows, cols = height // p, width // p
+  # (B, L, p*p*C): patches in row-major order, each flattened (row in patch, col, channel)
+  patches_ = images.reshape(batch, rows, p, cols, p, chans).transpose(0, 1, 3, 2, 4, 5)
+  patches_ = patches_.reshape(batch, rows * cols, p * p * chans).astype(np.float64)
+  len_keep = int(rows * cols * (1 - cfg["mask_ratio"]))
+  mask = np.ones((batch, rows * cols))
+  np.put_along_axis(mask, np.argsort(noise, axis=1)[:, :len_keep], 0.0, axis=1)
+
+  def layer_norm(x, name):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * w[name + ".scale"] + w[name + ".bias"]
+
+  def linear(x, name):
+    return x @ w[name + ".kernel"] + w[name + ".bias"]
+
+  def block(x, name, num_heads):
+    n, width_ = x.shape[1], x.shape[2]
+    qkv = linear(layer_norm(x, name + ".norm1"), name + ".attn.qkv")
+    q, k, v = qkv.reshape(batch, n, 3, num_heads, width_ // num_heads).transpose(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(width_ // num_heads)  # (B, H, N, N)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, n, width_)
+    x = x + linear(attended, name + ".attn.proj")
+    hidden = linear(layer_norm(x, name + ".norm2"), name + ".mlp.fc1")
+    hidden = 0.5 * hidden * (1 + scipy.special.erf(hidden / np.sqrt(2)))  # exact GELU
+    return x + linear(hidden, name + ".mlp.fc2")
+
+  pos = official_sincos_table(d, rows, cols)  # (1 + L, D), cls row first
+  tokens = patches_ @ w["patch_embed.proj.kernel"].reshape(-1, d) + w["patch_embed.proj.bias"]
+  tokens = np.where(mask[:, :, None] > 0, w["encoder_mask_token"][0], tokens) + pos[1:]
+  cls = np.broadcast_to(w["cls_token"][0] + pos[:1], (batch, 1, d))
+  x = np.concatenate([cls, tokens], axis=1)  # (B, 1 + L, D)
+  for i in range(cfg["depth"]):
+    x = block(x, f"blocks.{i}", heads)
+  latent = layer_norm(x, "norm")
+  x = linear(latent, "decoder_embed") + official_sincos_table(cfg["decoder_embed_dim"], rows,
+                                                              cols)
+  for i in range(cfg["decoder_depth"]):
+    x = block(x, f"decoder_blocks.{i}", dec_heads)
+  pred = linear(layer_norm(x, "decoder_norm"), "decoder_pred")[:, 1:]
+  target = patches_
+  if cfg["norm_pix_loss"]:
+    target = ((target - target.mean(-1, keepdims=True))
+              / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6))
+  per_patch = ((pred - target) ** 2).mean(-1)
+  return (per_patch * mask).sum() / mask.sum(), pred, mask, latent
+
+
 def test_mask_tokens_in_encoder_ablation(tiny_config):
-  mc = dict(tiny_config.model.to_dict(), mask_tokens_in_encoder=True)
-  m = model_lib.MAE(mc, rngs=nnx.Rngs(0))
-  base = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(0))
-  assert model_lib.count_params(m) == model_lib.count_params(base) + 32
+  cfg = dict(tiny_config.model.to_dict(), mask_tokens_in_encoder=True, img_size=(32, 48))
+  m = model_lib.MAE(cfg, rngs=nnx.Rngs(0))
+  base = model_lib.abstract_model(dict(cfg, mask_tokens_in_encoder=False))
+  assert model_lib.count_params(m) == model_lib.count_params(base) + 32  # the encoder's token
+  # perturb every weight (biases, norms, tokens) so that no term of the forward is trivial
+  rng = np.random.default_rng(0)
+  nnx.update(m, jax.tree.map(lambda v: v + 0.1 * rng.normal(size=v.shape).astype(np.float32),
+                             nnx.state(m, nnx.Param)))
+  x = rng.normal(size=(2, 32, 48, 3)).astype(np.float32)
+  noise = rng.random((2, 24)).astype(np.float32)
+
+  forward = nnx.jit(lambda model, images: (model(images, noise=noise), model.encode_masked(
+      images, patches.masking_from_noise(noise, model.config.len_keep))))
+  (loss, pred, mask), latent = forward(m, x)
+  ref_loss, ref_pred, ref_mask, ref_latent = _reference_mae_with_mask_tokens_in_encoder(
+      _numpy_weights(m), x, noise, cfg)
+  np.testing.assert_array_equal(np.asarray(mask), ref_mask)
+  assert latent.shape == (2, 1 + 24, 32)  # all tokens enter the encoder
+  np.testing.assert_allclose(np.asarray(latent), ref_latent, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(pred), ref_pred, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+  # the decoder's own mask token is unused in this ablation; the removed pixels stay unseen
+  m.mask_token[...] = m.mask_token[...] + 1.0
+  y = x.copy()
+  y[mask.astype(bool).repeat(8 * 8, axis=1).reshape(2, 4, 6, 8, 8).transpose(
+      0, 1, 3, 2, 4).reshape(2, 32, 48)] += 3.0
+  (_, pred_y, _), _ = forward(m, y)
+  np.testing.assert_allclose(np.asarray(pred_y), np.asarray(pred), rtol=1e-6, atol=1e-6)
+
+
+def _traced_forward(model, x, noise):
+  """(loss, pred, [(operand dtypes, result dtype)] of every dot_general / convolution)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forward = lambda p, r: nnx.merge(graphdef, p, r)(x, noise=noise)[:2]
+  jaxpr = jax.make_jaxpr(forward)(params, rest).jaxpr
+  dtypes = [(tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype))
+            for eqn, _ in equations(jaxpr)
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated")]
+  return *jax.jit(forward)(params, rest), dtypes
+
+
+def test_bfloat16_compute(tiny_config):
+  """dtype=bfloat16 puts every matmul in bf16 (params stay float32): the loss moves a little."""
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  masking = patches.masking_from_noise(jax.random.uniform(jax.random.key(1), (2, 16)), 4)
-  assert m.encode_masked(x, masking).shape == (2, 17, 32)  # all tokens enter the encoder
-  loss, pred, mask = m(x, key=jax.random.key(2))
-  assert pred.shape == (2, 16, 192) and np.isfinite(float(loss))
-
-
-def test_bfloat16_compute_runs(tiny_config):
-  mc = dict(tiny_config.model.to_dict(), dtype="bfloat16")
-  m = model_lib.MAE(mc, rngs=nnx.Rngs(0))
-  loss, pred, _ = m(jnp.ones((2, 32, 32, 3)), key=jax.random.key(0))
-  assert pred.dtype == jnp.float32 and np.isfinite(float(loss))
-  assert m.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32  # params stay float32
+  noise = jax.random.uniform(jax.random.key(1), (2, 16))
+  fp32 = model_lib.MAE(tiny_config.model, rngs=nnx.Rngs(0))
+  bf16 = model_lib.MAE(dict(tiny_config.model.to_dict(), dtype="bfloat16"), rngs=nnx.Rngs(0))
+  assert bf16.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32  # params stay float32
+  loss_low, pred_low, low = _traced_forward(bf16, x, noise)
+  loss_full, pred_full, full = _traced_forward(fp32, x, noise)
+  # patch embed + (qkv, 2 attention, proj, fc1, fc2) per block + decoder_embed + decoder_pred
+  assert len(low) == len(full) == 1 + 6 * 3 + 2
+  assert all(operands == ("bfloat16", "bfloat16") for operands, _ in low), low
+  assert all(operands == ("float32", "float32") and out == "float32" for operands, out in full)
+  assert pred_low.dtype == jnp.float32 and np.isfinite(float(loss_low))
+  assert float(loss_low) != float(loss_full)  # same weights, rounded compute
+  np.testing.assert_allclose(float(loss_low), float(loss_full), rtol=1e-2)
+  assert not np.array_equal(pred_low, pred_full)
+  np.testing.assert_allclose(pred_low, pred_full, atol=0.05 * float(jnp.std(pred_full)))
 
 
 @pytest.mark.parametrize("override,message", [

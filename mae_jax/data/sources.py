@@ -205,6 +205,42 @@ def check_data(config):
 
 
 
+def epoch_examples(config, *, process_count=None):
+  """(examples in one epoch, where that number comes from).
+
+  `config.data.num_train_examples` when > 0; else the size of `data.split`: the bundled
+  photos, the images in `data.folder`, or the TFDS split info (sub-splits such as
+  `train[:10%]` counted as TFDS reads them). An unprepared TFDS dataset with a
+  `data.manual_dir` is prepared here (one process only), as reading it would.
+  """
+  data = config.data
+  if data.get("num_train_examples", -1) > 0:
+    return data.num_train_examples, "set by config.data.num_train_examples"
+  if data.dataset == BUNDLED:
+    return len(bundled_photos()), "the bundled photos"
+  if data.dataset == FOLDER:
+    return len(list_image_folder(data.folder)[0]), "counted in the image folder"
+  if process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_count = jax.process_count()
+  builder = tfds_builder(data, prepare=process_count == 1)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"{data.dataset} is not prepared in {builder.data_dir} and "
+                            f"{process_count} processes cannot prepare it together to count "
+                            f"config.data.split={data.split!r}; prepare it first, or set "
+                            f"config.data.num_train_examples. {IMAGENET_HOW_TO}")
+  _check_split(builder, data.split, data)
+  return (builder.info.splits[data.split].num_examples,
+          f"TFDS split info of {data.dataset} {data.split}")
+
+
+def fill_epoch_length(config, *, process_count=None):
+  """Set `config.data.num_train_examples` from the data unless it is > 0; says which it is."""
+  examples, origin = epoch_examples(config, process_count=process_count)
+  config.data.num_train_examples = examples
+  return f"epoch = {examples:,} examples ({origin})"
+
+
 def image_size(config):
   size = config.model.img_size
   if not isinstance(size, int):

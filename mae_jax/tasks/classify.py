@@ -57,7 +57,7 @@ class Classify:
     if config.data.dataset == data.BUNDLED:
       raise ValueError(f"config.data.dataset={data.BUNDLED!r} has no labels; classification "
                        "needs a labelled TFDS dataset or an image folder (root/<class>/<image>)")
-    examples, classes = data.dataset_info(config)
+    _, classes = data.dataset_info(config)
     if classes is None:
       raise ValueError(f"config.data.dataset={config.data.dataset!r} has no class labels")
     if config.classifier.num_classes <= 0:
@@ -66,8 +66,7 @@ class Classify:
       raise ValueError(f"config.classifier.num_classes={config.classifier.num_classes} but "
                        f"{config.data.dataset} ({config.data.folder or config.data.split}) has "
                        f"{classes} classes; set -1 to take it from the dataset")
-    if config.data.num_train_examples <= 0:
-      config.data.num_train_examples = examples
+    epoch = data.sources.fill_epoch_length(config)
     classifier.classifier_config(config.classifier)
     ft = config.finetune
     if ft.optimizer not in OPTIMIZERS:
@@ -76,7 +75,7 @@ class Classify:
     if ft.trainable_blocks > mc.depth:
       raise ValueError(f"config.finetune.trainable_blocks={ft.trainable_blocks} but the "
                        f"encoder has {mc.depth} blocks")
-    return f"{description}; {classes} classes"
+    return f"{description}; {classes} classes; {epoch}"
 
   def build_model(self, config, rngs):
     return classifier.Classifier(config.model, config.classifier, rngs=rngs)

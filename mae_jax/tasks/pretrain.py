@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mae_jax import data, imaging, optim, patches, pictures
+from mae_jax import data, flops, imaging, optim, patches, pictures
 from mae_jax import model as model_lib
 from mae_jax.weights import keys, load
 
@@ -18,11 +18,17 @@ class Pretrain:
   model_state = nnx.BatchStat  # none in the MAE: the filter simply matches nothing
 
   def check(self, config):
+    """Validate the config; the epoch length comes from the dataset unless the config sets it."""
     model_lib.model_config(config.model)
-    return data.check_data(config)
+    description = data.check_data(config)
+    return f"{description}; {data.sources.fill_epoch_length(config)}"
 
   def build_model(self, config, rngs):
     return model_lib.MAE(config.model, rngs=rngs)
+
+  def flops_per_image(self, config):
+    """Analytic training FLOPs per image (for MFU): fwd + bwd = 3 x fwd, see mae_jax.flops."""
+    return flops.train_flops_per_image(config.model)
 
   def optimizer(self, config, total_steps, warmup_steps, abstract_params):
     """AdamW (b2 .95, decay on ndim >= 2), linear lr scaling, warm-up + half-cycle cosine."""
