@@ -99,6 +99,8 @@ def sized_config(size, arg=None):
   config.log_every = 50           # steps between log lines / TensorBoard scalars
   config.image_every = 5000       # steps between reconstruction pictures in TensorBoard
   config.num_preview_images = 6   # images in the reconstruction PNG at the end
+  config.peak_tflops = 0.0        # > 0: the chip's peak for MFU (default: a table of TPUs /
+                                  # GPUs; none on CPU: pass a measured matmul peak)
   return apply_args(config, arg)
 
 

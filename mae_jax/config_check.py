@@ -66,6 +66,7 @@ FIELDS = {
     "total_steps": EVERY, "warmup_steps": AUTO, "base_lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE,
     "weight_decay": NON_NEGATIVE, "b1": BELOW_ONE, "b2": BELOW_ONE, "seed": INT,
     "stop_after_steps": EVERY, "nan_patience": COUNT, "max_rollbacks": COUNT,
+    "peak_tflops": NON_NEGATIVE,
     "log_every": POSITIVE_INT, "image_every": EVERY, "eval_every": EVERY,
     "num_preview_images": POSITIVE_INT, "init_from": STR,
     # every_steps -1: only at the end and on preemption

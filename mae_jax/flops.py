@@ -14,6 +14,7 @@ Counting convention (it reproduces SPEC §1: ViT-B 58.7, ViT-L 124.5, ViT-H 291.
   backward is slightly cheaper: no gradient flows into the images through the patch embedding.
 """
 
+import math
 from mae_jax import model as model_lib
 
 # Dense bf16 peak TFLOP/s of one JAX device, by `jax.Device.device_kind` (lower-cased,
@@ -91,6 +92,13 @@ def mfu(images_per_s, flops_per_image, num_chips, peak):
   return images_per_s * flops_per_image / (num_chips * peak)
 
 
+def _sig3(x):
+  """`x` with 3 significant digits and no exponent: 0.0123, 1.23, 123, 12345."""
+  if x <= 0 or not math.isfinite(x):
+    return f"{x:.3g}"
+  return f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}"
+
+
 class Meter:
   """steps/s, img/s and (where the peak is known) MFU of one logging interval."""
 
@@ -111,5 +119,5 @@ class Meter:
   @staticmethod
   def describe(speed):
     """'2.50 steps/s  80.0 img/s  MFU 41.3%' (MFU only where known)."""
-    text = f"{speed['steps_per_s']:.2f} steps/s  {speed['img_per_s']:.1f} img/s"
+    text = f"{_sig3(speed['steps_per_s'])} steps/s  {_sig3(speed['img_per_s'])} img/s"
     return text + (f"  MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else "")

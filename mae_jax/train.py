@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import checkpointing, initial_state, optim, sharding, summaries, tasks
+from mae_jax import checkpointing, config_check, flops, initial_state, optim, sharding, summaries
+from mae_jax import tasks
 from mae_jax import guard as guard_lib
 from mae_jax import state as state_lib
 from mae_jax import model as model_lib
@@ -37,7 +38,9 @@ def schedule_steps(config):
   if total <= 0:
     raise ValueError(f"no training steps: total_steps={config.total_steps}, epochs="
                      f"{config.epochs}, {steps_per_epoch} steps per epoch (data.num_train_"
-                     f"examples={config.data.num_train_examples}, batch_size={config.batch_size})")
+                     f"examples={config.data.num_train_examples}, batch_size={config.batch_size}"
+                     "); set config.total_steps, or train on a dataset of at least batch_size "
+                     "examples (config.data.dataset)")
   if warmup >= total:
     raise ValueError(f"warm-up ({warmup} steps) must be shorter than training ({total} steps)")
   return total, warmup
@@ -218,8 +221,9 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
   Resuming with a config that defines another run (batch, seed, model, data, schedule) is an
   error unless `allow_config_change`.
   """
+  config_check.check(config)  # every field, before anything is written or compiled
   task = tasks.get(config)
-  model_config = model_lib.model_config(config.model)  # validates before anything heavy
+  model_config = model_lib.model_config(config.model)
   log.info("data: %s", task.check(config))  # clear errors before any compile
   total_steps, warmup_steps = schedule_steps(config)
   check_workdir(workdir)
@@ -259,6 +263,9 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
   compiled = built.step_fn.lower(state, static, batch).compile()
   log.info("train step compiled in %.1fs", time.perf_counter() - start)
   _log_compiled(compiled, state)
+  flops_fn = getattr(task, "flops_per_image", lambda _: None)
+  meter = flops.Meter(flops_fn(config), config.batch_size, jax.devices(),
+                      config.get("peak_tflops", 0) or None)
 
   writer = summaries.SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
   evaluators = task.evaluators(config)
@@ -285,12 +292,12 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
         averaged = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
         averaged["nonfinite"] = float(sum(flags))
         now = time.perf_counter()
-        img_per_s = (step - tick_step) * config.batch_size / (now - tick)
-        eta = (total_steps - step) * config.batch_size / img_per_s
-        log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  eta %s",
+        speed = meter(step - tick_step, now - tick)
+        eta = (total_steps - step) / speed["steps_per_s"]
+        log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %s  eta %s",
                  step, total_steps, averaged["loss"], averaged["lr"], averaged["grad_norm"],
-                 img_per_s, _format_eta(eta))
-        writer.scalars(step, {**averaged, "img_per_s": img_per_s})
+                 flops.Meter.describe(speed), _format_eta(eta))
+        writer.scalars(step, {**averaged, **speed})
         writer.flush()
         history.append((step, averaged["loss"]))
         pending, tick, tick_step = [], now, step
