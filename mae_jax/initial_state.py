@@ -44,10 +44,10 @@ def _data_position(meta):
   return meta.get("data")
 
 
-def _state_from(built, restored, step, source):
+def _state_from(built, restored, step, source, say_fresh=True):
   """A TrainState from restored items; without optimizer state a fresh optimizer starts."""
   params = restored["params"]
-  if "opt_state" not in restored:
+  if "opt_state" not in restored and say_fresh:
     log.info("%s (step %d) has no optimizer state: a fresh optimizer starts from its weights",
              source, step)
   opt_state = restored["opt_state"] if "opt_state" in restored else built.init_opt(params)
@@ -57,12 +57,20 @@ def _state_from(built, restored, step, source):
                               params=params, opt_state=opt_state, model_state=model_state)
 
 
-def restore_items(built, source):
-  """(state, data position, step) from one of our checkpoints (another run's, `--restore`)."""
+def restore_items(built, source, with_optimizer=True):
+  """(state, data position, step) from one of our checkpoints (another run's, `--restore`).
+
+  `with_optimizer=False` (init_from: a new run) takes the weights and starts a fresh
+  optimizer.
+  """
   workdir, step = checkpointing.resolve_checkpoint(*source)
   step = checkpointing.latest_step(workdir) if step is None else step
-  restored, step = checkpointing.restore(workdir, step, **_wanted_items(built, workdir, step))
-  return _state_from(built, restored, step, workdir), _data_position(restored["meta"]), step
+  wanted = _wanted_items(built, workdir, step)
+  if not with_optimizer:
+    wanted.pop("opt_state", None)
+  restored, step = checkpointing.restore(workdir, step, **wanted)
+  state = _state_from(built, restored, step, workdir, say_fresh=with_optimizer)
+  return state, _data_position(restored["meta"]), step
 
 
 def restore_step(built, workdir, step):
@@ -95,14 +103,8 @@ RUN_DEFINING = ("task", "model", "classifier", "finetune", "batch_size", "seed",
                 "data.random_erasing")
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = list(value) if isinstance(value, tuple) else value
-  return out
+def _flat(tree):
+  return workdir_lib.flatten(tree, leaf=lambda v: list(v) if isinstance(v, tuple) else v)
 
 
 def check_config_change(saved, config, allow=False):
@@ -142,11 +144,23 @@ def restore_or_init(built, config, workdir, restore_from=None, allow_config_chan
     state, static = built.init_fn()
     return state, static, None, 0
   if _is_checkpoint_dir(source) and same_task(config, source):
-    state, data_state, step = restore_items(built, (source, None))
-    log.info("restored %s (step %d)", source, step)
-    return state, built.init_static(), data_state if restore_from else None, (
-        step if restore_from else 0)
+    if restore_from:
+      state, data_state, step = restore_items(built, (source, None))
+      log.info("restored %s (step %d)", source, step)
+      return state, built.init_static(), data_state, step
+    try:  # init_from: its weights, a fresh optimizer and step 0
+      state, _, step = restore_items(built, (source, None), with_optimizer=False)
+      log.info("initialised from the weights of %s (step %d); a fresh optimizer starts at "
+               "step 0", source, step)
+      return _at_step_0(built, state), built.init_static(), None, 0
+    except checkpointing.CheckpointMismatchError as e:  # another head (probe -> fine-tune)
+      log.info("%s has another model layout (%s): taking its encoder only", source,
+               str(e).split(": ", 1)[-1])
   return from_weights(built, config, source), built.init_static(), None, 0
+
+
+def _at_step_0(built, state):
+  return state.replace(step=jax.device_put(jnp.int32(0), built.state_sh.step))
 
 
 def _is_checkpoint_dir(source):

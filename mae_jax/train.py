@@ -106,7 +106,7 @@ def build(config, mesh, total_steps, warmup_steps):
   abstract_model = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(0)))
   graphdef, abstract_params, _, _ = state_lib.split_model(task, abstract_model)
   tx, schedule = task.optimizer(config, total_steps, warmup_steps, abstract_params)
-  frozen = task.frozen(config, abstract_params) if hasattr(task, "frozen") else None
+  frozen = task.frozen(config, abstract_params)
   abstract_state, abstract_static = jax.eval_shape(lambda: _init(task, config, tx))
   rules = tuple(map(tuple, config.mesh.rules))
   shard = lambda tree: sharding.state_shardings(tree, mesh, rules)
@@ -123,7 +123,7 @@ def build(config, mesh, total_steps, warmup_steps):
   eval_fn = (jax.jit(functools.partial(eval_step, task, graphdef),
                      in_shardings=(state_sh, static_sh, batch_sh),
                      out_shardings=sharding.replicated(mesh))
-             if hasattr(task, "eval_sums") else None)
+             if task.eval_sums is not None else None)
   init_fn = jax.jit(lambda: _init(task, config, tx), out_shardings=(state_sh, static_sh))
   # On restore only the small fixed part is built: no throw-away copy of params + moments.
   static_fn = jax.jit(lambda attempt: _init(task, config, tx, attempt)[1], static_argnums=0,

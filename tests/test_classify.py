@@ -211,3 +211,87 @@ def test_eval_only_of_a_classifier_checkpoint_prints_metrics(tmp_path, folders, 
     hits += int((np.asarray(loaded.predict(images)) == batch["label"])[batch["valid"]].sum())
     count += int(batch["valid"].sum())
   np.testing.assert_allclose(hits / count, float(lines["eval/top1"]), atol=1e-5)
+
+
+def test_eval_only_of_an_official_linear_probe_pth_equals_the_checkpoint_it_came_from(
+    tmp_path, folders, trained_workdir):
+  """The whole-classifier path of --eval_only (an official-format .pth, BatchNorm head and
+  running statistics included) scores exactly what evaluating our checkpoint scores."""
+  pytest.importorskip("torch")
+  from conftest import write_pth  # pylint: disable=import-outside-toplevel
+  from mae_jax.weights import classifier as classifier_weights  # pylint: disable=import-outside-toplevel
+  config = _config(folders, "linprobe")
+  config.init_from = str(trained_workdir)
+  train.train_and_evaluate(config, str(tmp_path / "probe"))
+  model = classifier_weights.restore_classifier(tmp_path / "probe")[0]
+  state_dict = classifier_weights.classifier_state_dict(model)
+  assert {"head.0.running_mean", "head.0.running_var", "head.1.weight"} <= set(state_dict)
+  pth = write_pth(tmp_path / "probe.pth", state_dict)
+  from_pth = dict(train.evaluate(config, pth))
+  from_ckpt = dict(train.evaluate(config, str(tmp_path / "probe")))
+  assert from_pth["eval/examples"] == from_ckpt["eval/examples"] == 13
+  for name in ("eval/top1", "eval/top5", "eval/loss"):
+    np.testing.assert_allclose(from_pth[name], from_ckpt[name], rtol=1e-6, err_msg=name)
+
+
+def test_init_from_an_hf_directory_starts_from_its_encoder(tmp_path, folders):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_config = transformers.ViTMAEConfig(
+      image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+      num_attention_heads=4, intermediate_size=128, decoder_hidden_size=32,
+      decoder_num_hidden_layers=1, decoder_num_attention_heads=4, decoder_intermediate_size=128,
+      hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, mask_ratio=0.75)
+  torch.manual_seed(0)
+  hf_model = transformers.ViTMAEForPreTraining(hf_config)
+  hf_model.save_pretrained(tmp_path / "hf")
+  sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  config = _config(folders, "linprobe")
+  config.init_from = str(tmp_path / "hf")
+  params, _ = _initial(config, tmp_path / "run")
+  attn = "vit.layers.1.attention"  # transformers 5.x names
+  qkv = np.concatenate([sd[f"{attn}.{n}_proj.weight"] for n in "qkv"]).T
+  np.testing.assert_array_equal(params["['blocks'][1]['attn']['qkv']['kernel'].value"], qkv)
+  np.testing.assert_array_equal(params["['cls_token'].value"].ravel(),
+                                sd["vit.embeddings.cls_token"].ravel())
+  np.testing.assert_array_equal(params["['norm']['scale'].value"], sd["vit.layernorm.weight"])
+  patch = sd["vit.embeddings.patch_embeddings.projection.weight"]  # (D, C, p, p)
+  np.testing.assert_array_equal(params["['patch_embed']['proj']['kernel'].value"],
+                                patch.transpose(2, 3, 1, 0))
+
+
+def test_finetune_init_from_our_linear_probe_checkpoint_takes_its_encoder_not_its_head(
+    tmp_path, folders, trained_workdir, caplog):
+  probe = _config(folders, "linprobe")
+  probe.init_from = str(trained_workdir)
+  train.train_and_evaluate(probe, str(tmp_path / "probe"))
+  config = _config(folders)
+  config.init_from = str(tmp_path / "probe")
+  with caplog.at_level("INFO", logger="mae_jax"):
+    params, _ = _initial(config, tmp_path / "ft")
+  assert "mae_jax classifier checkpoint (step 4)" in caplog.text
+  mae = workdir_lib.restore_mae(trained_workdir)[0]  # the probe never moved the encoder
+  np.testing.assert_array_equal(params["['blocks'][0]['attn']['qkv']['kernel'].value"],
+                                np.asarray(mae.blocks[0].attn.qkv.kernel[...]))
+  # fine-tuning has a plain linear head on fc_norm: freshly initialised, not the probe's
+  assert "['head']['kernel'].value" in params
+  assert not any(k.startswith("['head'][1]") for k in params)
+
+
+def test_finetune_init_from_a_finetuned_checkpoint_takes_all_weights_and_starts_at_step_0(
+    tmp_path, folders, trained_workdir):
+  first = _config(folders)
+  first.init_from = str(trained_workdir)
+  done, _ = train.train_and_evaluate(first, str(tmp_path / "ft"))
+  config = _config(folders)
+  config.init_from = str(tmp_path / "ft")
+  mesh = sharding.make_mesh(config.mesh)
+  classify.TASK.check(config)
+  built = train.build(config, mesh, config.total_steps, config.warmup_steps)
+  state, _, data_state, start = initial_state.restore_or_init(built, config, str(tmp_path / "x"))
+  assert start == 0 and int(state.step) == 0 and data_state is None  # lr schedule from 0
+  want, got = _leaves(done.params), _leaves(state.params)
+  assert sorted(want) == sorted(got) and all(np.array_equal(want[k], got[k]) for k in want)
+  fresh = built.init_opt(state.params)  # a new run: a fresh optimizer, not the old moments
+  for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -44,6 +44,13 @@ def trainable_mask(params, depth, trainable_blocks, train_final_norm):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _trainable(config, params):
+  """`trainable_mask` for the config's model and finetune fields."""
+  ft = config.finetune
+  return trainable_mask(params, model_lib.model_config(config.model).depth, ft.trainable_blocks,
+                        ft.train_final_norm)
+
+
 class Classify:
   """The classification task (config.task = "classify")."""
 
@@ -86,7 +93,7 @@ class Classify:
     peak = optim.scaled_lr(config.base_lr, config.batch_size)
     schedule = optim.warmup_cosine(peak, warmup_steps, total_steps, config.min_lr)
     depth = model_lib.model_config(config.model).depth
-    trainable = trainable_mask(abstract_params, depth, ft.trainable_blocks, ft.train_final_norm)
+    trainable = _trainable(config, abstract_params)
     if ft.optimizer == "lars":
       tx = optim.only_trainable(optim.lars(schedule, weight_decay=config.weight_decay),
                                 trainable)
@@ -140,12 +147,9 @@ class Classify:
 
   def frozen(self, config, abstract_params):
     """Bool pytree: params that never train (no backward pass is computed for them)."""
-    ft = config.finetune
-    if ft.trainable_blocks < 0:
+    if config.finetune.trainable_blocks < 0:
       return None
-    depth = model_lib.model_config(config.model).depth
-    trainable = trainable_mask(abstract_params, depth, ft.trainable_blocks, ft.train_final_norm)
-    return jax.tree.map(lambda t: not t, trainable)
+    return jax.tree.map(lambda t: not t, _trainable(config, abstract_params))
 
   def eval_sums(self, model, batch):
     return eval_sums(model, batch)

@@ -16,6 +16,12 @@ class Pretrain:
 
   name = "pretrain"
   model_state = nnx.BatchStat  # none in the MAE: the filter simply matches nothing
+  eval_sums = None             # no labelled eval step (probes: see the evaluators)
+
+  def frozen(self, config, abstract_params):
+    """Every parameter trains."""
+    del config, abstract_params
+    return None
 
   def check(self, config):
     """Validate the config; the epoch length comes from the dataset unless the config sets it."""

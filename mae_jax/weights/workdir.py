@@ -33,14 +33,14 @@ def _nest(state_dict):
   return tree
 
 
-def _flatten(tree, prefix=""):
-  """Inverse of `_nest`."""
+def flatten(tree, leaf=np.asarray, prefix=""):
+  """{'a.b.c': leaf(value)} of a nested dict (the inverse of `_nest`)."""
   out = {}
   for name, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{name}."))
+      out.update(flatten(value, leaf, f"{prefix}{name}."))
     else:
-      out[prefix + name] = np.asarray(value)
+      out[prefix + name] = leaf(value)
   return out
 
 
@@ -61,7 +61,7 @@ def converted_from(path_or_workdir, step=None):
   converted = dict(items["meta"].get("converted_from") or {})
   extras = checkpointing.restore_arrays(workdir, step, EXTRAS_ITEM)
   if extras is not None:
-    return converted, _flatten(extras)
+    return converted, flatten(extras)
   legacy = os.path.join(workdir, LEGACY_EXTRAS_FILE)
   if os.path.isfile(legacy):
     with np.load(legacy, allow_pickle=False) as npz:
