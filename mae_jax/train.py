@@ -133,8 +133,8 @@ def build(config, mesh, total_steps, warmup_steps):
   init_model_state = jax.jit(lambda: _init(task, config, tx)[0].model_state,
                              out_shardings=state_sh.model_state)
   return types.SimpleNamespace(
-      task=task, tx=tx, graphdef=graphdef, abstract_state=abstract_state, state_sh=state_sh,
-      static_sh=static_sh, step_fn=step_fn, eval_fn=eval_fn, init_fn=init_fn,
+      task=task, tx=tx, frozen=frozen, graphdef=graphdef, abstract_state=abstract_state,
+      state_sh=state_sh, static_sh=static_sh, step_fn=step_fn, eval_fn=eval_fn, init_fn=init_fn,
       init_static=init_static, init_opt=init_opt, init_model_state=init_model_state)
 
 
@@ -253,10 +253,12 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
   if tuple(images.shape[1:]) != model_config.image_shape:
     raise ValueError(f"the input pipeline yields images of shape {images.shape[1:]} but "
                      f"config.model expects {model_config.image_shape}")
-  log.info("%s: mesh %s on %d devices, %d process(es); %.2fM trainable parameters; steps "
-           "%d..%d (%d warm-up), global batch %d, peak lr %.3g", task.name,
-           dict(mesh.shape), mesh.size, jax.process_count(),
-           model_lib.count_params(built.abstract_state.params) / 1e6, start_step, total_steps,
+  sizes = [x.size for x in jax.tree.leaves(built.abstract_state.params)]
+  frozen = jax.tree.leaves(built.frozen) if built.frozen is not None else [False] * len(sizes)
+  log.info("%s: mesh %s on %d devices, %d process(es); %.2fM parameters (%.2fM trainable); "
+           "steps %d..%d (%d warm-up), global batch %d, peak lr %.3g", task.name,
+           dict(mesh.shape), mesh.size, jax.process_count(), sum(sizes) / 1e6,
+           sum(n for n, f in zip(sizes, frozen) if not f) / 1e6, start_step, total_steps,
            warmup_steps, config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size))
 
   start = time.perf_counter()
