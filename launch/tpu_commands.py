@@ -1,0 +1,177 @@
+"""The exact gcloud command lines and worker shell commands `launch/tpu.py` runs (no I/O here).
+
+Standard library only: this runs on a laptop that has gcloud but not mae_jax's dependencies.
+"""
+
+import dataclasses
+import os
+import re
+import shlex
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# generation: (the accelerator-type number counts "cores" (2 per chip) or "chips",
+#              runtime version for JAX, GKE accelerator label)
+# Runtime versions: Cloud TPU's "TPU software versions" page (PyTorch / JAX table).
+GENERATIONS = {
+    "v2": ("cores", "tpu-ubuntu2204-base", None),
+    "v3": ("cores", "tpu-ubuntu2204-base", None),
+    "v4": ("cores", "tpu-ubuntu2204-base", "tpu-v4-podslice"),
+    "v5p": ("cores", "v2-alpha-tpuv5", "tpu-v5p-slice"),
+    "v5litepod": ("chips", "v2-alpha-tpuv5-lite", "tpu-v5-lite-podslice"),
+    "v6e": ("chips", "v2-alpha-tpuv6e", "tpu-v6e-slice"),
+}
+CHIPS_PER_HOST = 4  # every multi-host slice above; v5e / v6e slices of <= 8 chips are one host
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+# Files on every worker, in the login user's home: the training log, its pid, its exit status
+# and a marker left by `stop` (so `run` does not restart a run the user stopped).
+STATE = '"$HOME"/mae_jax_train'
+LOG, PID, EXIT, STOP = (f"{STATE}.{ext}" for ext in ("log", "pid", "exit", "stop"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """A Cloud TPU accelerator type such as v5p-128 (= 64 chips on 16 hosts)."""
+  name: str
+  generation: str
+  chips: int
+  hosts: int
+  runtime_version: str
+  gke_label: str
+
+
+def parse_accelerator(text):
+  """'v5p-128' -> Accelerator; ValueError naming the known generations and sizes otherwise."""
+  known = ", ".join(f"{g}-N" for g in GENERATIONS)
+  match = re.fullmatch(r"(v[0-9a-z]+)-([0-9]+)", text or "")
+  if not match or match.group(1) not in GENERATIONS:
+    raise ValueError(f"--accelerator-type={text}: unknown accelerator type; expected one of "
+                     f"{known} (e.g. v4-64, v5p-128, v6e-256, v5litepod-16)")
+  generation, count = match.group(1), int(match.group(2))
+  unit, runtime, label = GENERATIONS[generation]
+  if unit == "cores":
+    ok, chips, sizes = count >= 8 and count % 8 == 0, count // 2, "a multiple of 8 TensorCores"
+  else:
+    ok, chips, sizes = count in (1, 4, 8) or count % 16 == 0, count, "1, 4, 8 or a multiple of 16 chips"
+  if not ok:
+    raise ValueError(f"--accelerator-type={text}: unknown accelerator type; {generation} "
+                     f"slices are {sizes} (e.g. {generation}-{8 if unit == 'cores' else 16})")
+  hosts = 1 if unit == "chips" and chips <= 8 else chips // CHIPS_PER_HOST
+  return Accelerator(text, generation, chips, max(hosts, 1), runtime, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """A named TPU VM slice in a project and zone, held directly or through a queued resource."""
+  name: str
+  project: str
+  zone: str
+  tier: str = ""  # "" (a TPU VM created at once), "queued", "spot" or "best-effort"
+
+  @property
+  def queued(self):
+    return bool(self.tier)
+
+  @property
+  def queued_resource(self):
+    return f"{self.name}-qr"
+
+  def _where(self):
+    return [f"--project={self.project}", f"--zone={self.zone}"]
+
+  def create(self, accelerator, runtime_version=None, network=None, subnetwork=None):
+    """The command that creates the slice (queued: a request that becomes ACTIVE later)."""
+    version = runtime_version or accelerator.runtime_version
+    extra = [f"--network={network}"] * bool(network) + [f"--subnetwork={subnetwork}"] * bool(subnetwork)
+    if not self.queued:
+      return ["gcloud", "compute", "tpus", "tpu-vm", "create", self.name, *self._where(),
+              f"--accelerator-type={accelerator.name}", f"--version={version}", *extra]
+    # --best-effort exists only in the alpha track of queued-resources create.
+    track = ["alpha"] if self.tier == "best-effort" else []
+    tier = {"queued": [], "spot": ["--spot"], "best-effort": ["--best-effort"]}[self.tier]
+    return ["gcloud", *track, "compute", "tpus", "queued-resources", "create",
+            self.queued_resource, *self._where(), f"--node-id={self.name}",
+            f"--accelerator-type={accelerator.name}", f"--runtime-version={version}", *extra, *tier]
+
+  def describe_node(self):
+    """Prints the node's state (READY, PREEMPTED, ...); fails with NOT_FOUND once it is gone."""
+    return ["gcloud", "compute", "tpus", "tpu-vm", "describe", self.name, *self._where(),
+            "--format=value(state)"]
+
+  def describe_queued(self):
+    """Prints the queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...)."""
+    return ["gcloud", "compute", "tpus", "queued-resources", "describe", self.queued_resource,
+            *self._where(), "--format=value(state.state)"]
+
+  def delete(self):
+    """Deletes the TPU VMs (and the queued resource); never the bucket or the workdir."""
+    if self.queued:
+      return ["gcloud", "compute", "tpus", "queued-resources", "delete", self.queued_resource,
+              *self._where(), "--force", "--quiet"]
+    return ["gcloud", "compute", "tpus", "tpu-vm", "delete", self.name, *self._where(), "--quiet"]
+
+  def ssh(self, worker, command=None):
+    """`command` on one worker (0, 1, ...) or on all of them at once (worker='all')."""
+    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.name, *self._where(),
+            f"--worker={worker}", *([f"--command={command}"] if command else [])]
+
+
+def jax_pin(requirements=os.path.join(ROOT, "requirements.txt")):
+  """The jax version requirements.txt pins ('0.10.2'): the workers get jax[tpu] of that version."""
+  with open(requirements) as f:
+    for line in f:
+      match = re.match(r"\s*jax==([^\s#]+)", line)
+      if match:
+        return match.group(1)
+  raise ValueError(f"{requirements}: no jax==VERSION pin")
+
+
+def setup_command(repo_url, ref, remote_dir):
+  """Worker shell: the repo at `ref` in ~/remote_dir, its pinned requirements and jax[tpu]."""
+  d, q = shlex.quote(remote_dir), shlex.quote
+  return " && ".join([
+      f"{{ [ -d {d}/.git ] || git clone --quiet {q(repo_url)} {d}; }}",
+      f"git -C {d} fetch --quiet origin {q(ref)}",
+      f"git -C {d} checkout --quiet --detach FETCH_HEAD",
+      f"python3 -m pip install --quiet -r {d}/requirements.txt {q(f'jax[tpu]=={jax_pin()}')}",
+      f"python3 -m pip install --quiet --no-deps -e {d}",
+      f"echo \"mae_jax: $(hostname) at $(git -C {d} rev-parse --short HEAD)\"",
+  ])
+
+
+def train_argv(config, workdir, multihost, extra=()):
+  """The training command every worker runs (it resumes from the workdir's latest checkpoint)."""
+  return ["python3", "-m", "mae_jax.main", f"--config={config}", f"--workdir={workdir}",
+          *(["--multihost"] if multihost else []), *extra]
+
+
+def start_command(train, remote_dir):
+  """Worker shell: start `train` (argv) detached, logging to ~/mae_jax_train.log, unless the
+  trainer already runs there; its exit status lands in ~/mae_jax_train.exit."""
+  inner = f"{shlex.join(train)} & echo $! > {PID}; wait $!; echo $? > {EXIT}"
+  return (f"cd {shlex.quote(remote_dir)} && if [ -f {PID} ] && kill -0 \"$(cat {PID})\" "
+          f"2>/dev/null; then echo \"mae_jax: already training on $(hostname)\"; else "
+          f"rm -f {EXIT} {STOP}; setsid nohup bash -c {shlex.quote(inner)} >> {LOG} 2>&1 "
+          f"< /dev/null & fi")
+
+
+def status_command():
+  """Worker shell printing `running`, `gone` (no trainer, no exit status) or
+  `exit N [stop] [signal]` (stopped by `stop`; checkpointed on a signal)."""
+  return (f"if [ -f {EXIT} ]; then echo \"exit $(cat {EXIT})$([ -f {STOP} ] && echo ' stop')"
+          f"$(tail -n 30 {LOG} | grep -q 'stopping at step .* (signal)' && echo ' signal')\"; "
+          f"elif [ -f {PID} ] && kill -0 \"$(cat {PID})\" 2>/dev/null; then echo running; "
+          f"else echo gone; fi")
+
+
+def stop_command():
+  """Worker shell: SIGUSR1 to the trainer, which checkpoints at the next step boundary."""
+  return (f"touch {STOP}; if [ -f {PID} ] && kill -USR1 \"$(cat {PID})\" 2>/dev/null; then "
+          f"echo \"mae_jax: $(hostname): the trainer checkpoints and stops\"; else "
+          f"echo \"mae_jax: $(hostname): no trainer running\"; fi")
+
+
+def logs_command(lines):
+  """Worker shell streaming the training log."""
+  return f"tail -n {int(lines)} -F {LOG}"
