@@ -39,6 +39,7 @@ def _env(name):
 TAIL = {
     "train": ("[-- MAIN_FLAG ...]", "after --: more mae_jax.main flags, e.g. -- --config.mesh.fsdp=8"),
     "run": ("[-- MAIN_FLAG ...]", "after --: more mae_jax.main flags, e.g. -- --config.mesh.fsdp=8"),
+    "jobset": ("[-- MAIN_FLAG ...]", "after --: more mae_jax.main flags, e.g. -- --config.mesh.fsdp=8"),
     "ssh": ("[-- COMMAND ...]", "after --: a command to run instead of a shell"),
 }
 
@@ -118,6 +119,15 @@ def build_parser():
       "the slice stays")
   add("delete", [common], "delete the slice (and its queued resource); the bucket and "
       "workdir stay")
+  gke = add("jobset", [common, accel, setup, train], "GKE instead of TPU VMs: a JobSet for a "
+            "TPU slice node pool (printed with --dry-run, else `kubectl apply -f -`); NAME "
+            "names the JobSet, --project / --zone are kubectl's context")
+  gke.add_argument("--topology", help="node pool topology (default: from the accelerator "
+                   "type, e.g. 4x4x4 for v5p-128)")
+  gke.add_argument("--image", default="python:3.11", help="container image with python3, "
+                   "pip and git (default python:3.11)")
+  gke.add_argument("--max-restarts", type=int, default=10, help="JobSet restarts (preemptions "
+                   "included) before it fails (default 10)")
   return parser
 
 
@@ -136,8 +146,10 @@ def check_args(a):
                     "starting with a letter")
   for flag, value, env in (("--project", a.project, "CLOUDSDK_CORE_PROJECT"),
                            ("--zone", a.zone, "CLOUDSDK_COMPUTE_ZONE")):
-    if not value:
+    if not value and a.command != "jobset":
       raise UserError(f"no {flag[2:]}: pass {flag}=... or set {env}")
+  if a.command == "jobset" and a.tier not in ("", "spot"):
+    raise UserError(f"--{a.tier}: queued resources are for TPU VMs; on GKE only --spot applies")
   if hasattr(a, "accelerator_type"):
     try:
       a.accelerator = tc.parse_accelerator(a.accelerator_type)
@@ -222,6 +234,30 @@ def cmd_delete(a, g):
     print("deleted the TPU VMs; the bucket and the workdir (checkpoints) are untouched")
 
 
+def cmd_jobset(a, _):
+  try:
+    topo = a.topology or tc.topology(a.accelerator)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  # On GKE the container starts empty: clone + install, then the same training command.
+  remote_dir = "/mae_jax"
+  script = (f"{tc.setup_command(a.repo_url, a.ref, remote_dir)} && cd {remote_dir} && exec "
+            f"{shlex.join(tc.train_argv(a.config, a.workdir, a.accelerator.hosts > 1, a.extra))}")
+  manifest = tc.to_yaml(tc.jobset(a.name, a.accelerator, topo, a.image, script,
+                                  a.tier == "spot", a.max_restarts)) + "\n"
+  if a.dry_run:
+    print(manifest, end="")
+    return 0
+  if shutil.which("kubectl") is None:
+    raise UserError("kubectl is not on PATH (gcloud components install kubectl), or pass "
+                    "--dry-run to print the manifest")
+  status = subprocess.run(["kubectl", "apply", "-f", "-"], input=manifest, text=True,
+                          check=False).returncode
+  if status:
+    raise Failure(f"kubectl apply failed with exit status {status}")
+  return 0
+
+
 def main(argv=None):
   parser = build_parser()
   parser.error = lambda message: _die(f"{message} (see launch/tpu.py --help)", 2)
@@ -233,7 +269,7 @@ def main(argv=None):
   a.extra = a.remote = tail
   try:
     check_args(a)
-    if not a.dry_run and shutil.which("gcloud") is None:
+    if not a.dry_run and a.command != "jobset" and shutil.which("gcloud") is None:
       raise UserError("gcloud is not on PATH: install the Google Cloud CLI "
                       "(https://cloud.google.com/sdk/docs/install), or pass --dry-run")
     gcloud = Gcloud(a.dry_run)

@@ -4,6 +4,7 @@ Standard library only: this runs on a laptop that has gcloud but not mae_jax's d
 """
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -175,3 +176,68 @@ def stop_command():
 def logs_command(lines):
   """Worker shell streaming the training log."""
   return f"tail -n {int(lines)} -F {LOG}"
+
+
+# Chips -> the slice shapes GKE node pools offer (3-D tori for v4 / v5p, 2-D for v5e / v6e).
+TOPOLOGIES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+                 256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+                 256: "16x16"}
+
+
+def topology(accelerator):
+  """The GKE topology label of `accelerator` (v5p-128 -> 4x4x4); ValueError where unknown."""
+  table = TOPOLOGIES_2D if accelerator.generation in ("v5litepod", "v6e") else TOPOLOGIES_3D
+  if accelerator.gke_label is None or accelerator.chips not in table:
+    raise ValueError(f"--accelerator-type={accelerator.name}: no GKE TPU topology known for "
+                     f"{accelerator.chips} chips of {accelerator.generation}; pass --topology=AxB[xC]")
+  return table[accelerator.chips]
+
+
+def jobset(name, accelerator, topo, image, script, spot, max_restarts):
+  """A JobSet (jobset.x-k8s.io) running `script` on every host of one TPU slice node pool."""
+  chips_per_host = accelerator.chips // accelerator.hosts
+  selector = {"cloud.google.com/gke-tpu-accelerator": accelerator.gke_label,
+              "cloud.google.com/gke-tpu-topology": topo}
+  pod = {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet", "restartPolicy": "Never",
+         "nodeSelector": selector,
+         "containers": [{"name": "mae-jax", "image": image, "command": ["bash", "-c", script],
+                         "resources": {"limits": {"google.com/tpu": chips_per_host}}}]}
+  if spot:
+    selector["cloud.google.com/gke-spot"] = "true"
+    pod["tolerations"] = [{"key": "cloud.google.com/gke-spot", "operator": "Equal",
+                           "value": "true", "effect": "NoSchedule"}]
+  return {
+      "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+      "metadata": {"name": name, "annotations": {
+          "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
+      # A preempted or failed host fails the JobSet, which restarts every pod: the same
+      # command resumes from the workdir's latest checkpoint.
+      "spec": {"failurePolicy": {"maxRestarts": max_restarts}, "replicatedJobs": [{
+          "name": "slice", "replicas": 1, "template": {"spec": {
+              "parallelism": accelerator.hosts, "completions": accelerator.hosts,
+              "backoffLimit": 0, "template": {"spec": pod}}}}]}}
+
+
+def to_yaml(value, indent=0):
+  """Block-style YAML of dicts, lists, strings (JSON-quoted), numbers and booleans."""
+  pad = " " * indent
+  if isinstance(value, dict):
+    lines = []
+    for key, item in value.items():
+      if isinstance(item, (dict, list)) and item:
+        lines.append(f"{pad}{key}:\n{to_yaml(item, indent + 2)}")
+      else:
+        lines.append(f"{pad}{key}: {to_yaml(item)}")
+    return "\n".join(lines)
+  if isinstance(value, list):
+    lines = []
+    for item in value:
+      text = to_yaml(item, indent + 2)
+      lines.append(f"{pad}- {text.lstrip()}" if isinstance(item, (dict, list)) else f"{pad}- {text}")
+    return "\n".join(lines)
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, (int, float)):
+    return str(value)
+  return json.dumps(value)

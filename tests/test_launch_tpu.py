@@ -190,7 +190,7 @@ def test_dry_run_prints_the_exact_commands_and_runs_nothing(fake):
       ["gcloud", "compute", "tpus", "queued-resources", "describe", "mae-h-qr"],
       _ssh(0)[:6], ["gcloud", "compute", "tpus", "queued-resources", "delete", "mae-h-qr"]]
   assert shlex.join(MAIN) in commands[2][-1]
-  for sub in ("create", "setup", "train", "run", "logs", "ssh", "stop", "delete"):
+  for sub in ("create", "setup", "train", "run", "logs", "ssh", "stop", "delete", "jobset"):
     help_out = subprocess.run([sys.executable, TPU, sub, "--help"], capture_output=True, text=True)
     assert help_out.returncode == 0 and "--dry-run" in help_out.stdout, sub
 
@@ -326,3 +326,37 @@ def test_worker_commands_start_once_report_status_and_stop(tmp_path):
   assert sh(tc.status_command()) == "exit 0 stop signal"
   log = (home / "mae_jax_train.log").read_text()
   assert "trainer -m mae_jax.main --config=configs/tiny.py --workdir=gs://b/x --multihost --a=1 2" in log
+
+
+def test_jobset_manifest_for_a_gke_tpu_node_pool(fake):
+  yaml = pytest.importorskip("yaml")
+  out, calls = fake("jobset", "mae-h", *TRAIN, *CODE, "--spot", "--max-restarts=4", "--dry-run",
+                    "--", "--config.model.dtype=bfloat16")
+  assert out.returncode == 0 and not calls, out.stderr
+  manifest = yaml.safe_load(out.stdout)
+  assert manifest["kind"] == "JobSet" and manifest["spec"]["failurePolicy"] == {"maxRestarts": 4}
+  (job,) = manifest["spec"]["replicatedJobs"]
+  spec = job["template"]["spec"]
+  assert spec["parallelism"] == spec["completions"] == 16 and spec["backoffLimit"] == 0
+  pod = spec["template"]["spec"]
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                 "cloud.google.com/gke-tpu-topology": "4x4x4",
+                                 "cloud.google.com/gke-spot": "true"}
+  (container,) = pod["containers"]
+  assert container["resources"]["limits"] == {"google.com/tpu": 4}
+  assert container["command"][:2] == ["bash", "-c"]
+  assert container["command"][2].endswith(f"&& cd /mae_jax && exec {shlex.join(MAIN)}")
+  out, _ = fake("jobset", "mae-h", "--accelerator-type=v4-24", "--bucket=gs://my-bucket",
+                "--config=configs/vit_h.py", *CODE, "--dry-run")
+  assert out.returncode == 2 and "pass --topology=AxB[xC]" in out.stderr
+  out, _ = fake("jobset", "mae-h", *TRAIN, *CODE, "--best-effort", "--dry-run")
+  assert out.returncode == 2 and "on GKE only --spot applies" in out.stderr
+
+
+@pytest.mark.parametrize("accelerator,chips,hosts,runtime", [
+    ("v4-8", 4, 1, "tpu-ubuntu2204-base"), ("v4-64", 32, 8, "tpu-ubuntu2204-base"),
+    ("v5p-128", 64, 16, "v2-alpha-tpuv5"), ("v5litepod-8", 8, 1, "v2-alpha-tpuv5-lite"),
+    ("v6e-256", 256, 64, "v2-alpha-tpuv6e"), ("v3-32", 16, 4, "tpu-ubuntu2204-base")])
+def test_accelerator_types(accelerator, chips, hosts, runtime):
+  a = tc.parse_accelerator(accelerator)
+  assert (a.chips, a.hosts, a.runtime_version) == (chips, hosts, runtime)
