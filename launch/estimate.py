@@ -21,8 +21,8 @@ sys.path.insert(0, ROOT)
 IMAGENET_TRAIN = 1_281_167
 # name: (JAX devices, device kind as jax reports it; its peak comes from mae_jax.flops)
 TARGETS = {
-    "TPU v5p-128": (64, "TPU v5p"),
-    "2 x 8 H100": (16, "NVIDIA H100 80GB HBM3"),
+    "TPU v5p-128 (64 chips)": (64, "TPU v5p"),
+    "2 x 8 H100 SXM": (16, "NVIDIA H100 80GB HBM3"),
 }
 
 
@@ -58,12 +58,12 @@ def main(argv=None):
   path, _, arg = a.config.partition(":")
   module = importlib.import_module(os.path.splitext(os.path.normpath(path))[0].replace(os.sep, "."))
   config = module.get_config(arg or None)
-  print(f"| setup | peak TFLOP/s | img/s at {a.mfu:.0%} MFU | {a.epochs} epochs | checkpoint "
-        f"| save at {a.bandwidth:g} GB/s |")
+  print(f"| setup | peak TFLOP/s (bf16) | img/s at {a.mfu:.0%} MFU | {a.epochs} epochs | one "
+        f"checkpoint | save at {a.bandwidth:g} GB/s |")
   print("|---|---|---|---|---|---|")
   for name, (devices, kind) in TARGETS.items():
     e = estimate(config, devices, kind, a.mfu, a.epochs, a.examples, a.bandwidth)
-    print(f"| {name} ({devices} x {kind}) | {devices} x {e['peak_tflops']:g} | "
+    print(f"| {name} | {devices} x {e['peak_tflops']:g} | "
           f"{e['img_per_s']:,.0f} | {e['hours']:.1f} h | {e['checkpoint_gb']:.2f} GB | "
           f"{e['save_s']:.1f} s |")
   print(f"\n{e['gflop_per_image']:.1f} GFLOP per training image, {e['params_m']:.1f}M trainable "

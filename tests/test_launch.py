@@ -273,3 +273,19 @@ def test_launch_scripts_pass_shellcheck(script):
 ])
 def test_multihost_detection(env, expected):
   assert main.multihost_detected(env) is expected
+
+
+def test_readme_run_estimates_are_what_estimate_py_prints(capsys):
+  """The README's ViT-H/14 table (img/s, wall time, checkpoint, save time) is computed."""
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import estimate  # pylint: disable=import-outside-toplevel
+  estimate.main([])
+  table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  assert len(table) == 4 and all(line in readme for line in table), table
+  config = estimate.importlib.import_module("configs.vit_h").get_config()
+  slow = [estimate.estimate(config, devices, kind, 0.3, 1600, estimate.IMAGENET_TRAIN, 1.0)
+          for devices, kind in estimate.TARGETS.values()]
+  words = " ".join(readme.split())
+  assert f"at 30% MFU the times are {slow[0]['hours']:.1f} h and {slow[1]['hours']:.1f} h" in words
+  assert f"{slow[0]['gflop_per_image']:.1f} GFLOP per training image" in words
