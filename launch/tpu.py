@@ -75,8 +75,9 @@ def build_parser():
                      "origin)")
   setup.add_argument("--ref", help="commit, tag or branch (default: this checkout's HEAD "
                      "commit, which must be pushed)")
-  setup.add_argument("--remote-dir", default="mae_jax", help="checkout on each worker, "
-                     "relative to the home directory (default: mae_jax)")
+  remote = argparse.ArgumentParser(add_help=False)
+  remote.add_argument("--remote-dir", default="mae_jax", help="checkout on each worker, "
+                      "relative to the home directory (default: mae_jax)")
   train = argparse.ArgumentParser(add_help=False)
   train.add_argument("--config", required=True, help="config file of this repository, e.g. "
                      "configs/vit_h.py (the workers run the same checkout)")
@@ -100,11 +101,11 @@ def build_parser():
 
   add("create", [common, accel, create], "create the slice (a TPU VM now, or a queued "
       "resource with --spot / --best-effort / --queued)")
-  add("setup", [common, setup], "clone the repo at --ref and install the pinned requirements "
+  add("setup", [common, setup, remote], "clone the repo at --ref and install the pinned requirements "
       "+ jax[tpu] on every worker")
-  add("train", [common, accel, train], "start the same mae_jax.main command on every worker, "
+  add("train", [common, accel, train, remote], "start the same mae_jax.main command on every worker, "
       "detached, logging to ~/mae_jax_train.log")
-  run = add("run", [common, accel, create, setup, train], "create -> setup -> train -> watch: "
+  run = add("run", [common, accel, create, setup, train, remote], "create -> setup -> train -> watch: "
             "a preempted or deleted slice is made again, set up and resumed from the workdir")
   run.add_argument("--max-restarts", type=int, default=10, help="restarts before giving up "
                    "(default 10)")
@@ -194,7 +195,7 @@ def make_slice(a):
 def training_command(a):
   """The worker command of `train` and `run`: every worker gets exactly this string."""
   argv = tc.train_argv(a.config, a.workdir, a.accelerator.hosts > 1, a.extra)
-  return tc.start_command(argv, a.remote_dir if hasattr(a, "remote_dir") else "mae_jax")
+  return tc.start_command(argv, a.remote_dir)
 
 
 def cmd_create(a, g):

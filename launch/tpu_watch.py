@@ -17,6 +17,7 @@ import tpu_commands as tc
 READY = "READY"
 NODE_GONE = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
 QUEUED_GONE = ("SUSPENDING", "SUSPENDED", "FAILED", "NOT_FOUND")
+QUEUED_PENDING = ("CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING")
 
 
 class Failure(Exception):
@@ -89,19 +90,31 @@ class Watcher:
   def _sleep(self):
     time.sleep(self.a.poll_seconds)
 
+  def _known_state(self, argv, tries=5):
+    """`_state`, asked again (one poll apart) while gcloud cannot say; Failure after `tries`."""
+    for _ in range(tries):
+      state = self._state(argv)
+      if state is not None:
+        return state
+      self._sleep()
+    raise Failure(f"cannot read the state of {argv[5]} (`{shlex.join(argv)}` failed {tries} "
+                  "times): nothing was created or deleted")
+
   def wait_ready(self):
-    """Poll until the new slice is READY; the reason if it failed instead, else None."""
+    """Poll until the slice is READY; the reason if it failed instead, else None."""
     last = None
     while True:
       name, state = self.tpu.name, None
       if self.tpu.queued:
         queued = self._state(self.tpu.describe_queued())
-        if queued in ("FAILED", "SUSPENDED"):
-          return f"queued resource {queued} before it was ready"
+        if queued in QUEUED_GONE:
+          return f"queued resource {queued} before the slice was ready"
         if queued != "ACTIVE":
           name, state = self.tpu.queued_resource, queued
       if name == self.tpu.name:
         state = self._state(self.tpu.describe_node())
+        if state in NODE_GONE:
+          return f"node {state} before the slice was ready"
       if state == READY:
         event(f"{name}: READY ({self.a.accelerator.hosts} worker(s))")
         return None
@@ -110,18 +123,22 @@ class Watcher:
         last = name, state
       self._sleep()
 
-  def bring_up(self, first):
-    """Create the slice (after deleting what a preemption left); reason if it died at once."""
-    node = self._state(self.tpu.describe_node())
-    if first and node == READY:
-      event(f"{self.tpu.name} exists and is READY: using it")
-      return None
-    queued = self._state(self.tpu.describe_queued()) if self.tpu.queued else "NOT_FOUND"
-    if first and queued not in QUEUED_GONE and queued is not None:
+  def bring_up(self):
+    """Use the slice if it is alive (first start), else create it after deleting what a
+    preemption left of it (TPU VMs only); the reason if it died before it was READY."""
+    node = self._known_state(self.tpu.describe_node())
+    queued = self._known_state(self.tpu.describe_queued()) if self.tpu.queued else "NOT_FOUND"
+    dead_queue = queued in QUEUED_GONE[:-1] or (queued == "ACTIVE" and node == "NOT_FOUND")
+    if node not in NODE_GONE and not dead_queue:  # READY, CREATING, REPAIRING, ...: live
+      event(f"{self.tpu.name} exists ({node}): using it")
+      return self.wait_ready()
+    if queued in QUEUED_PENDING:
       event(f"{self.tpu.queued_resource} exists ({queued}): waiting for it")
       return self.wait_ready()
-    if queued not in (None, "NOT_FOUND") or node not in (None, "NOT_FOUND"):
-      event(f"deleting what is left of {self.tpu.name} (TPU VMs only; the workdir stays)")
+    if node != "NOT_FOUND" or queued != "NOT_FOUND":
+      event(f"deleting what is left of {self.tpu.name} (node {node}"
+            f"{', queued resource ' + queued if self.tpu.queued else ''}; TPU VMs only, the "
+            "workdir stays)")
       self.g.run(self.tpu.delete())
     event(f"creating {self.tpu.name}: {self.a.accelerator.name}"
           f"{', ' + self.tpu.tier if self.tpu.tier else ''}")
@@ -142,7 +159,7 @@ class Watcher:
   def start(self, action):
     """'start' / 'recreate': bring up, set up, train; 'retrain': train. Reason if gone."""
     if action != "retrain":
-      why = self.bring_up(first=action == "start")
+      why = self.bring_up()
       if why:
         return why
       event(f"setting up {self.a.accelerator.hosts} worker(s): {self.a.repo_url} at {self.a.ref}")

@@ -24,7 +24,8 @@ MAIN = ["python3", "-m", "mae_jax.main", "--config=configs/vit_h.py",
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 # A stand-in for gcloud: appends its argv to calls.jsonl and keeps the slice's state in
-# state.json (FAKE_NODE: the node's state at first, default none). FAKE_SCENARIO: "preempt-always" (each training start preempts the slice),
+# state.json (FAKE_NODE / FAKE_QR: the node's / queued resource's state at first; CREATING
+# turns READY once described). FAKE_SCENARIO: "preempt-always" (each training start preempts the slice),
 # "preempt-once" (only the first), "fail" (the trainer exits 1), else training finishes.
 FAKE_GCLOUD = r'''#!{python}
 import json, os, sys
@@ -34,7 +35,8 @@ with open(os.path.join(log, "calls.jsonl"), "a") as f:
   f.write(json.dumps(argv) + "\n")
 path = os.path.join(log, "state.json")
 st = (json.load(open(path)) if os.path.exists(path) else
-      {{"node": os.environ.get("FAKE_NODE") or None, "qr": None, "trains": 0}})
+      {{"node": os.environ.get("FAKE_NODE") or None, "qr": os.environ.get("FAKE_QR") or None,
+       "trains": 0}})
 scenario = os.environ.get("FAKE_SCENARIO", "")
 words = [w for w in argv if not w.startswith("--")]
 words = words[1:] if words[0] == "alpha" else words
@@ -55,6 +57,8 @@ if verb == "create":
 elif verb == "describe":
   if group == "tpu-vm":
     status = not_found() if st["node"] is None else print(st["node"]) or 0
+    if st["node"] == "CREATING":
+      st["node"] = "READY"
   elif st["qr"] is None:
     status = not_found()
   else:
@@ -360,3 +364,22 @@ def test_jobset_manifest_for_a_gke_tpu_node_pool(fake):
 def test_accelerator_types(accelerator, chips, hosts, runtime):
   a = tc.parse_accelerator(accelerator)
   assert (a.chips, a.hosts, a.runtime_version) == (chips, hosts, runtime)
+
+
+@pytest.mark.parametrize("node,queued,expected", [
+    ("READY", None, ["describe", "describe", "setup", "train", "describe", "status"]),
+    ("CREATING", None, ["describe", "describe", "setup", "train", "describe", "status"]),
+    ("PREEMPTED", None, ["describe", "delete", "create", "describe", "setup", "train", "describe",
+                         "status"]),
+    (None, "WAITING_FOR_RESOURCES", ["describe", "describe", "describe", "describe", "setup",
+                                     "train", "describe", "status"]),
+    (None, "SUSPENDED", ["describe", "describe", "delete", "create", "describe", "describe",
+                         "describe", "setup", "train", "describe", "status"]),
+])
+def test_run_uses_a_live_slice_waits_for_a_pending_one_and_clears_a_dead_one(fake, node, queued,
+                                                                             expected):
+  tier = ["--spot"] if queued else []
+  out, calls = fake("run", *SLICE, *TRAIN, *CODE, *tier, "--poll-seconds=0", node=node,
+                    FAKE_QR=queued or "")
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert _kinds(calls) == expected
