@@ -7,7 +7,8 @@ From zero to a resumed-after-preemption run, one command (spot capacity, queued)
       --project=my-project --zone=us-east5-a --bucket=gs://my-bucket \
       --config=configs/vit_h.py -- --config.model.dtype=bfloat16 --config.data.dataset=imagenet2012
 
-Subcommands: create, setup, train, run, logs, ssh, stop, delete (`--help` on each). Every one
+Subcommands: create, setup, train, run, logs, ssh, stop, delete, and jobset (the same run as a
+GKE JobSet); `--help` on each. Every one
 takes --dry-run: print the exact commands, run nothing. --project, --zone and --bucket may come
 from CLOUDSDK_CORE_PROJECT, CLOUDSDK_COMPUTE_ZONE (gcloud's own variables) and MAE_JAX_BUCKET.
 Nothing here ever deletes the bucket or the workdir: `delete` removes the TPU VMs only.
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpu_commands as tc  # noqa: E402  pylint: disable=wrong-import-position
 from tpu_watch import Failure, Gcloud, cmd_run  # noqa: E402  pylint: disable=wrong-import-position
 
+
 class UserError(Exception):
   """A bad flag or environment: one `error:` line, exit 2, nothing run."""
 
@@ -36,12 +38,10 @@ def _env(name):
 
 
 # What may follow `--` on the command line (argparse cannot mix it with the NAME positional).
-TAIL = {
-    "train": ("[-- MAIN_FLAG ...]", "after --: more mae_jax.main flags, e.g. -- --config.mesh.fsdp=8"),
-    "run": ("[-- MAIN_FLAG ...]", "after --: more mae_jax.main flags, e.g. -- --config.mesh.fsdp=8"),
-    "jobset": ("[-- MAIN_FLAG ...]", "after --: more mae_jax.main flags, e.g. -- --config.mesh.fsdp=8"),
-    "ssh": ("[-- COMMAND ...]", "after --: a command to run instead of a shell"),
-}
+_MAIN_FLAGS = ("[-- MAIN_FLAG ...]",
+               "after --: more mae_jax.main flags, e.g. -- --config.mesh.fsdp=8")
+TAIL = {"train": _MAIN_FLAGS, "run": _MAIN_FLAGS, "jobset": _MAIN_FLAGS,
+        "ssh": ("[-- COMMAND ...]", "after --: a command to run instead of a shell")}
 
 
 def build_parser():
@@ -101,12 +101,13 @@ def build_parser():
 
   add("create", [common, accel, create], "create the slice (a TPU VM now, or a queued "
       "resource with --spot / --best-effort / --queued)")
-  add("setup", [common, setup, remote], "clone the repo at --ref and install the pinned requirements "
-      "+ jax[tpu] on every worker")
-  add("train", [common, accel, train, remote], "start the same mae_jax.main command on every worker, "
-      "detached, logging to ~/mae_jax_train.log")
-  run = add("run", [common, accel, create, setup, train, remote], "create -> setup -> train -> watch: "
-            "a preempted or deleted slice is made again, set up and resumed from the workdir")
+  add("setup", [common, setup, remote], "clone the repo at --ref and install the pinned "
+      "requirements + jax[tpu] on every worker")
+  add("train", [common, accel, train, remote], "start the same mae_jax.main command on every "
+      "worker, detached, logging to ~/mae_jax_train.log")
+  run = add("run", [common, accel, create, setup, train, remote], "create -> setup -> train -> "
+            "watch: a preempted or deleted slice is made again, set up and resumed from the "
+            "workdir")
   run.add_argument("--max-restarts", type=int, default=10, help="restarts before giving up "
                    "(default 10)")
   run.add_argument("--poll-seconds", type=float, default=60.0, help="seconds between state "
@@ -122,7 +123,8 @@ def build_parser():
       "workdir stay")
   gke = add("jobset", [common, accel, setup, train], "GKE instead of TPU VMs: a JobSet for a "
             "TPU slice node pool (printed with --dry-run, else `kubectl apply -f -`); NAME "
-            "names the JobSet, --project / --zone are kubectl's context")
+            "names the JobSet; kubectl's current context picks the cluster (--project and "
+            "--zone are not used)")
   gke.add_argument("--topology", help="node pool topology (default: from the accelerator "
                    "type, e.g. 4x4x4 for v5p-128)")
   gke.add_argument("--image", default="python:3.11", help="container image with python3, "

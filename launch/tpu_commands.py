@@ -54,7 +54,8 @@ def parse_accelerator(text):
   if unit == "cores":
     ok, chips, sizes = count >= 8 and count % 8 == 0, count // 2, "a multiple of 8 TensorCores"
   else:
-    ok, chips, sizes = count in (1, 4, 8) or count % 16 == 0, count, "1, 4, 8 or a multiple of 16 chips"
+    ok, chips = count in (1, 4, 8) or count % 16 == 0, count
+    sizes = "1, 4, 8 or a multiple of 16 chips"
   if not ok:
     raise ValueError(f"--accelerator-type={text}: unknown accelerator type; {generation} "
                      f"slices are {sizes} (e.g. {generation}-{8 if unit == 'cores' else 16})")
@@ -84,7 +85,8 @@ class Slice:
   def create(self, accelerator, runtime_version=None, network=None, subnetwork=None):
     """The command that creates the slice (queued: a request that becomes ACTIVE later)."""
     version = runtime_version or accelerator.runtime_version
-    extra = [f"--network={network}"] * bool(network) + [f"--subnetwork={subnetwork}"] * bool(subnetwork)
+    extra = ([f"--network={network}"] if network else []) + (
+        [f"--subnetwork={subnetwork}"] if subnetwork else [])
     if not self.queued:
       return ["gcloud", "compute", "tpus", "tpu-vm", "create", self.name, *self._where(),
               f"--accelerator-type={accelerator.name}", f"--version={version}", *extra]
@@ -190,7 +192,8 @@ def topology(accelerator):
   table = TOPOLOGIES_2D if accelerator.generation in ("v5litepod", "v6e") else TOPOLOGIES_3D
   if accelerator.gke_label is None or accelerator.chips not in table:
     raise ValueError(f"--accelerator-type={accelerator.name}: no GKE TPU topology known for "
-                     f"{accelerator.chips} chips of {accelerator.generation}; pass --topology=AxB[xC]")
+                     f"{accelerator.chips} chips of {accelerator.generation}; pass "
+                     "--topology=AxB[xC]")
   return table[accelerator.chips]
 
 
@@ -234,7 +237,7 @@ def to_yaml(value, indent=0):
     lines = []
     for item in value:
       text = to_yaml(item, indent + 2)
-      lines.append(f"{pad}- {text.lstrip()}" if isinstance(item, (dict, list)) else f"{pad}- {text}")
+      lines.append(f"{pad}- {text.lstrip() if isinstance(item, (dict, list)) else text}")
     return "\n".join(lines)
   if isinstance(value, bool):
     return "true" if value else "false"

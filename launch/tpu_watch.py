@@ -166,8 +166,9 @@ class Watcher:
       why = self._run_or_gone(self.setup, "setup")
       if why:
         return why
-    event(f"training on every worker (resumes from {self.a.workdir}): "
-          f"{shlex.join(tc.train_argv(self.a.config, self.a.workdir, self.a.accelerator.hosts > 1, self.a.extra))}")
+    a = self.a
+    event(f"training on every worker (resumes from {a.workdir}): "
+          f"{shlex.join(tc.train_argv(a.config, a.workdir, a.accelerator.hosts > 1, a.extra))}")
     return self._run_or_gone(self.train, "the training start")
 
   def watch(self):

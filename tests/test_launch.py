@@ -232,10 +232,12 @@ def test_slurm_two_tasks_train_like_one_process_on_the_same_global_batch(tmp_pat
   assert job_proc.returncode == 0, out + "\n".join(log[-3000:] for log in logs)
 
   assert (tmp_path / "srun_argv").read_text().split() == [
-      "--kill-on-bad-exit=1", "python", "-m", "mae_jax.main", f"--config=configs/tiny.py:{TINY_ARGS}",
-      f"--workdir={tmp_path / 'two'}", *env["EXTRA_FLAGS"].split()]
+      "--kill-on-bad-exit=1", "python", "-m", "mae_jax.main",
+      f"--config=configs/tiny.py:{TINY_ARGS}", f"--workdir={tmp_path / 'two'}",
+      *env["EXTRA_FLAGS"].split()]
   for i in range(2):
-    task_env = dict(line.split("=", 1) for line in (tmp_path / f"task{i}.env").read_text().splitlines())
+    lines = (tmp_path / f"task{i}.env").read_text().splitlines()
+    task_env = dict(line.split("=", 1) for line in lines)
     assert task_env["SLURM_PROCID"] == str(i) and task_env["SLURM_NTASKS"] == "2"
     assert task_env["JAX_LOCAL_DEVICE_IDS"] == "0,1" and task_env["SRUN_CPUS_PER_TASK"] == "2"
     assert task_env["XLA_FLAGS"] == ("--xla_gpu_enable_latency_hiding_scheduler=true "
