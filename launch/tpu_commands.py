@@ -130,22 +130,35 @@ def jax_pin(requirements=os.path.join(ROOT, "requirements.txt")):
   raise ValueError(f"{requirements}: no jax==VERSION pin")
 
 
+# mae_jax needs Python >= 3.11; the TPU VM images are Ubuntu 22.04 with Python 3.10, whose
+# archive has python3.11. The checkout gets its own virtual environment, as in the README.
+VENV_PYTHON = ".venv/bin/python"
+
+
 def setup_command(repo_url, ref, remote_dir):
-  """Worker shell: the repo at `ref` in ~/remote_dir, its pinned requirements and jax[tpu]."""
+  """Worker shell: the repo at `ref` in ~/remote_dir, Python 3.11, a .venv there with the
+  pinned requirements and jax[tpu] of the same version."""
   d, q = shlex.quote(remote_dir), shlex.quote
+  apt = "sudo apt-get -q -o DPkg::Lock::Timeout=600"  # first boot: unattended-upgrades holds it
   return " && ".join([
       f"{{ [ -d {d}/.git ] || git clone --quiet {q(repo_url)} {d}; }}",
       f"git -C {d} fetch --quiet origin {q(ref)}",
       f"git -C {d} checkout --quiet --detach FETCH_HEAD",
-      f"python3 -m pip install --quiet -r {d}/requirements.txt {q(f'jax[tpu]=={jax_pin()}')}",
-      f"python3 -m pip install --quiet --no-deps -e {d}",
+      f"{{ command -v python3.11 > /dev/null || {{ {apt} update > /dev/null && "
+      f"{apt} install -y python3.11 python3.11-venv > /dev/null; }}; }}",
+      f"{{ [ -x {d}/{VENV_PYTHON} ] || python3.11 -m venv {d}/.venv; }}",
+      f"{d}/{VENV_PYTHON} -m pip install --quiet --upgrade pip",
+      f"{d}/{VENV_PYTHON} -m pip install --quiet -r {d}/requirements.txt "
+      f"{q(f'jax[tpu]=={jax_pin()}')}",
+      f"{d}/{VENV_PYTHON} -m pip install --quiet --no-deps -e {d}",
       f"echo \"mae_jax: $(hostname) at $(git -C {d} rev-parse --short HEAD)\"",
   ])
 
 
 def train_argv(config, workdir, multihost, extra=()):
-  """The training command every worker runs (it resumes from the workdir's latest checkpoint)."""
-  return ["python3", "-m", "mae_jax.main", f"--config={config}", f"--workdir={workdir}",
+  """The training command every worker runs in its checkout (it resumes from the workdir's
+  latest checkpoint)."""
+  return [VENV_PYTHON, "-m", "mae_jax.main", f"--config={config}", f"--workdir={workdir}",
           *(["--multihost"] if multihost else []), *extra]
 
 

@@ -19,7 +19,7 @@ WHERE = ["--project=proj", "--zone=us-east5-a"]
 SLICE = ["mae-h", *WHERE]
 CODE = ["--repo-url=https://example.com/mae_jax.git", "--ref=0123abc"]
 TRAIN = ["--accelerator-type=v5p-128", "--bucket=gs://my-bucket", "--config=configs/vit_h.py"]
-MAIN = ["python3", "-m", "mae_jax.main", "--config=configs/vit_h.py",
+MAIN = [".venv/bin/python", "-m", "mae_jax.main", "--config=configs/vit_h.py",
         "--workdir=gs://my-bucket/mae-h", "--multihost", "--config.model.dtype=bfloat16"]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
@@ -155,8 +155,14 @@ def test_setup_train_logs_ssh_stop_delete_command_lines(fake):
       "{ [ -d mae_jax/.git ] || git clone --quiet https://example.com/mae_jax.git mae_jax; } && "
       "git -C mae_jax fetch --quiet origin 0123abc && "
       "git -C mae_jax checkout --quiet --detach FETCH_HEAD && "
-      f"python3 -m pip install --quiet -r mae_jax/requirements.txt 'jax[tpu]=={tc.jax_pin()}' && "
-      "python3 -m pip install --quiet --no-deps -e mae_jax && "
+      "{ command -v python3.11 > /dev/null || { sudo apt-get -q -o DPkg::Lock::Timeout=600 "
+      "update > /dev/null && sudo apt-get -q -o DPkg::Lock::Timeout=600 install -y python3.11 "
+      "python3.11-venv > /dev/null; }; } && "
+      "{ [ -x mae_jax/.venv/bin/python ] || python3.11 -m venv mae_jax/.venv; } && "
+      "mae_jax/.venv/bin/python -m pip install --quiet --upgrade pip && "
+      "mae_jax/.venv/bin/python -m pip install --quiet -r mae_jax/requirements.txt "
+      f"'jax[tpu]=={tc.jax_pin()}' && "
+      "mae_jax/.venv/bin/python -m pip install --quiet --no-deps -e mae_jax && "
       'echo "mae_jax: $(hostname) at $(git -C mae_jax rev-parse --short HEAD)"')
   assert tc.jax_pin() == "0.10.2"  # requirements.txt's pin
 
@@ -310,16 +316,19 @@ def test_environment_supplies_project_zone_and_bucket(fake):
 
 
 def test_worker_commands_start_once_report_status_and_stop(tmp_path):
-  """The worker shell snippets, run by bash here with a fake trainer as `python3`."""
-  home, bin_dir = tmp_path / "home", tmp_path / "bin"
-  (home / "mae_jax").mkdir(parents=True)
-  bin_dir.mkdir()
-  (bin_dir / "python3").write_text(
+  """The worker shell snippets, run by bash here with a fake trainer as the checkout's
+  .venv/bin/python; the setup snippet is only syntax-checked (it needs the network)."""
+  for command in (tc.setup_command("https://x/y.git", "abc", "mae_jax"), tc.status_command(),
+                  tc.stop_command(), tc.logs_command(10)):
+    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
+  home, venv_bin = tmp_path / "home", tmp_path / "home" / "mae_jax" / ".venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  (venv_bin / "python").write_text(
       "#!/usr/bin/env bash\necho \"trainer $*\"\n"
       "trap 'echo \"stopping at step 5 (signal); rerun\"; exit 0' USR1\n"
       "for _ in $(seq 300); do sleep 0.1; done\nexit 3\n")
-  (bin_dir / "python3").chmod(0o755)
-  env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}")
+  (venv_bin / "python").chmod(0o755)
+  env = dict(os.environ, HOME=str(home))
 
   def sh(command):
     return subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True,
