@@ -130,7 +130,7 @@ def jax_pin(requirements=os.path.join(ROOT, "requirements.txt")):
   raise ValueError(f"{requirements}: no jax==VERSION pin")
 
 
-# mae_jax needs Python >= 3.11; the TPU VM images are Ubuntu 22.04 with Python 3.10, whose
+# mae_jax needs Python >= 3.11; tpu-ubuntu2204-base is Ubuntu 22.04 with Python 3.10, whose
 # archive has python3.11. The checkout gets its own virtual environment, as in the README.
 VENV_PYTHON = ".venv/bin/python"
 
