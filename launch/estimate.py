@@ -11,6 +11,7 @@ stated bandwidth to the bucket (async saves overlap it with training).
 """
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -26,17 +27,24 @@ TARGETS = {
 }
 
 
+@functools.lru_cache
+def trainable_params(model_fields):
+  """Trainable parameters of the MAE with these (sorted) config.model items, built abstractly."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from mae_jax import model  # pylint: disable=import-outside-toplevel
+  abstract = nnx.eval_shape(lambda: model.MAE(dict(model_fields), rngs=nnx.Rngs(0)))
+  return model.count_params(nnx.state(abstract, nnx.Param))
+
+
 def estimate(config, devices, device_kind, mfu, epochs, examples, bandwidth_gb_s):
   """{img_per_s, hours, checkpoint_gb, save_s, ...} of `config` on `devices` x `device_kind`."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from mae_jax import flops, model  # pylint: disable=import-outside-toplevel
+  from mae_jax import flops  # pylint: disable=import-outside-toplevel
   flops_per_image = flops.train_flops_per_image(config.model)
   peak = flops.peak_flops(device_kind)
   img_per_s = mfu * devices * peak / flops_per_image
   steps = epochs * (examples // config.batch_size)  # as train.schedule_steps counts them
   images = steps * config.batch_size
-  abstract = nnx.eval_shape(lambda: model.MAE(config.model, rngs=nnx.Rngs(0)))
-  params = model.count_params(nnx.state(abstract, nnx.Param))
+  params = trainable_params(tuple(sorted(dict(config.model).items())))
   checkpoint_bytes = 3 * 4 * params  # params + AdamW mu + nu, float32
   return dict(gflop_per_image=flops_per_image / 1e9, peak_tflops=peak / 1e12, devices=devices,
               img_per_s=img_per_s, steps=steps, images=images, hours=images / img_per_s / 3600,
