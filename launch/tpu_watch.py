@@ -145,15 +145,21 @@ class Watcher:
     self.g.run(self.create)
     return self.wait_ready()
 
-  def _run_or_gone(self, argv, what):
-    """Run a worker command; the reason if the slice went away meanwhile, Failure otherwise."""
-    status = self.g.run(argv, check=False)
-    if status == 0:
-      return None
-    why = self.gone()
-    if why:
-      return f"{why} during {what}"
-    raise Failure(f"{what} failed with exit status {status} on a live slice: "
+  def _run_or_gone(self, argv, what, tries=3):
+    """Run a (repeatable) worker command, again while the slice lives but ssh fails (sshd
+    starts after READY); the reason if the slice went away meanwhile, Failure after `tries`."""
+    for attempt in range(1, tries + 1):
+      status = self.g.run(argv, check=False)
+      if status == 0:
+        return None
+      why = self.gone()
+      if why:
+        return f"{why} during {what}"
+      if attempt < tries:
+        event(f"{what} failed with exit status {status} on a live slice; trying again "
+              f"({attempt + 1} of {tries})")
+        self._sleep()
+    raise Failure(f"{what} failed {tries} times (exit status {status}) on a live slice: "
                   f"`{shlex.join(argv)}`")
 
   def start(self, action):

@@ -72,7 +72,11 @@ elif verb == "delete":
   else:
     st["qr"] = st["node"] = None
 elif verb == "ssh":
-  if st["node"] != "READY":
+  if scenario == "sshd-late" and not st.get("sshd"):  # the first ssh after READY is refused
+    st["sshd"] = True
+    sys.stderr.write("ssh: connect to host 10.0.0.2 port 22: Connection refused\n")
+    status = 255
+  elif st["node"] != "READY":
     sys.stderr.write("ssh: connect to host 10.0.0.2 port 22: Connection refused\n")
     status = 255
   elif "mae_jax.main" in command:
@@ -268,7 +272,13 @@ def test_run_resumes_after_one_preemption_and_finishes(fake):
   events = _events(out.stdout)
   assert "restart 1 of 10: making the slice again" in " ".join(events)
   assert events[-1].startswith("training finished (exit status 0); mae-h is still up")
-  # an on-demand slice that fails its training is reported, not retried
+  # ssh refused once right after READY: the same setup runs again
+  out, calls = fake("run", *SLICE, *TRAIN, *CODE, "--poll-seconds=0", scenario="sshd-late",
+                    node=None)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert _kinds(calls).count("setup") == 2 and _kinds(calls).count("create") == 1
+  assert "setup failed with exit status 255 on a live slice; trying again (2 of 3)" in out.stdout
+  # an on-demand slice whose trainer fails is reported, not retried
   out, calls = fake("run", *SLICE, *TRAIN, *CODE, "--poll-seconds=0", scenario="fail",
                     node=None)
   assert out.returncode == 1 and _kinds(calls).count("train") == 1
