@@ -45,12 +45,13 @@ class Run:
     self.started = time.time()
     self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
-    self.lines = []
+    self.lines, self.times = [], []  # each line and its seconds since the start
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
   def _read(self):
     for line in self.proc.stdout:
+      self.times.append(time.time() - self.started)
       self.lines.append(line)
 
   def seen(self, text):
@@ -81,7 +82,7 @@ class Run:
     return "".join(self.lines)
 
   def kill(self):
-    """SIGKILL, then wait for the process to be gone."""
+    """SIGKILL (again, harmlessly, if already sent), then wait for the process to be gone."""
     os.kill(self.proc.pid, signal.SIGKILL)
     self.proc.wait()
     self._reader.join()
@@ -153,7 +154,7 @@ def check_consistent(workdir):
     assert all(os.path.isdir(os.path.join(root, str(step), item)) for item in ITEMS), step
   if steps:
     meta = checkpointing.restore(workdir, steps[-1])[0]["meta"]
-    assert meta["step"] == steps[-1] and meta["data"] == {"step": steps[-1]}, meta
+    assert meta["step"] == steps[-1], meta
   assert not os.path.exists(os.path.join(workdir, checkpointing.UNREADABLE_DIR))
   return steps, tmp
 
@@ -162,7 +163,7 @@ def _command(workdir):
   return [sys.executable, "-m", "mae_jax.main", f"--workdir={workdir}", *FLAGS]
 
 
-def _save_in_flight(workdir, step):
+def save_in_flight(workdir, step):
   """A predicate: Orbax's temporary directory of `step` exists (its save is running)."""
   root = checkpointing.checkpoint_root(workdir)
 
@@ -190,7 +191,7 @@ def _kill_at(run, kind, start, rng, workdir):
     target = int(rng.choice(np.arange(start + 4, STEPS + 1, 4)))
     # Logged before that save starts (and after the leftovers of older kills are cleaned up).
     ready = run.wait_until(lambda: run.seen(f"step {target}/{STEPS} ")) and run.wait_until(
-        _save_in_flight(workdir, target))
+        save_in_flight(workdir, target))
     delay = 0.0
   else:  # "final": the last checkpoint is committed; the picture and exit remain
     ready = run.wait_until(lambda: run.seen(f"checkpoint of step {STEPS} in"))
