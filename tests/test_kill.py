@@ -164,14 +164,19 @@ def _command(workdir):
 
 
 def save_in_flight(workdir, step):
-  """A predicate: Orbax's temporary directory of `step` exists (its save is running)."""
+  """A predicate: an Orbax temporary directory of `step` or later exists (a save is running).
+
+  Call it once the run is past its start: a new run deletes the leftovers of killed saves.
+  """
   root = checkpointing.checkpoint_root(workdir)
 
   def predicate():
     try:
-      return any(n.startswith(f"{step}.") and "tmp" in n for n in os.listdir(root))
+      names = os.listdir(root)
     except FileNotFoundError:
       return False
+    return any("tmp" in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) >= step
+               for n in names)
   return predicate
 
 
@@ -189,7 +194,7 @@ def _kill_at(run, kind, start, rng, workdir):
     delay = rng.uniform(0, 0.2)
   elif kind == "save":  # while the async save of a step still to come is being written
     target = int(rng.choice(np.arange(start + 4, STEPS + 1, 4)))
-    # Logged before that save starts (and after the leftovers of older kills are cleaned up).
+    # Logged before that save starts, after the leftovers of older kills are cleaned up.
     ready = run.wait_until(lambda: run.seen(f"step {target}/{STEPS} ")) and run.wait_until(
         save_in_flight(workdir, target))
     delay = 0.0
@@ -223,9 +228,13 @@ def test_kill9_at_ten_random_moments_then_resume_is_bit_exact(tmp_path):
     where = _kill_at(run, kind, start, rng, workdir)
     assert where is not None, f"the run ended before the {kind!r} kill:\n{run.output()[-3000:]}"
     steps, tmp = check_consistent(workdir)
-    report.append(f"kill {len(report) + 1:2d} ({kind:7s}) from step {start:2d}: {where}; "
-                  f"checkpoints {steps}, partial saves {tmp}")
-  print("\n".join(report))
+    report.append((kind, run.seen("train step compiled"), tmp))
+    print(f"kill {len(report):2d} ({kind:7s}) from step {start:2d}: {where}; "
+          f"checkpoints {steps}, partial saves {tmp}")
+  # the kills hit every phase: before the step was compiled, mid-save, after the final save
+  assert sum(not compiled for _, compiled, _ in report) >= 3
+  assert all(tmp for kind, _, tmp in report if kind == "save")
+  assert checkpointing.latest_step(workdir) == STEPS  # the last kill came after the final save
   code, out = Run(_command(workdir)).finish()
   assert code == 0, out[-3000:]
   steps, tmp = check_consistent(workdir)
