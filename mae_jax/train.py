@@ -236,8 +236,17 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
       built, config, workdir, restore_from, allow_config_change)
   ckpt = checkpointing.Checkpointer(workdir, config)
   if start_step >= total_steps:
-    log.info("%s already holds the final step %d; nothing to do", ckpt.directory, start_step)
+    log.info("%s already holds the final step %d; nothing to train", ckpt.directory, start_step)
     ckpt.close()
+    # A run killed after its final checkpoint but before its final evaluation and outputs
+    # (pictures) would otherwise never write them: the rerun does.
+    with summaries.SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief) as writer:
+      _log_evals(run_evaluators(built, task.evaluators(config), state, static, mesh), writer,
+                 start_step)
+      report = task.finish(config, _host_model(built, state, static), writer, workdir,
+                           start_step)
+    if report:
+      log.info("%s", report)
     return state, []
 
   batches = task.train_batches(config, start_step)
