@@ -6,6 +6,7 @@ All of it runs before the run's Checkpointer exists, so a bad source leaves the 
 it was.
 """
 
+import json
 import logging
 import os
 
@@ -104,7 +105,8 @@ RUN_DEFINING = ("task", "model", "classifier", "finetune", "batch_size", "seed",
 
 
 def _flat(tree):
-  return workdir_lib.flatten(tree, leaf=lambda v: list(v) if isinstance(v, tuple) else v)
+  """Dotted keys; values as the checkpoint's JSON holds them (tuples become lists)."""
+  return workdir_lib.flatten(json.loads(json.dumps(tree)), leaf=lambda v: v)
 
 
 def check_config_change(saved, config, allow=False):

@@ -99,12 +99,14 @@ def _file_overrides(model_cfg):
 
 def picture(config, model, writer, step, path):
   """Reconstructions of the preview photos (host `model`) to TensorBoard (and `path`)."""
+  if jax.process_index() != 0:  # only process 0 writes; the others would compile op by op
+    return path
   size = model.config.img_size
   grid = pictures.reconstruction_grid(
       model, data.preview_images(config.num_preview_images, size),
       key=jax.random.key(config.seed), scale=max(1, 224 // size))
   writer.image(step, "reconstructions", grid)
-  if path and jax.process_index() == 0:
+  if path:
     pictures.save_png(grid, path)
   return path
 
