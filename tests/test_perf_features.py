@@ -111,11 +111,15 @@ def test_accum_steps_equal_the_big_batch_step(tiny_config, accum):
 
 
 def test_accum_steps_on_a_sharded_mesh_with_adamw(tiny_config):
-  """The jitted, sharded step of `train.build` (2 devices): same loss, norm and params."""
+  """The jitted, sharded step of `train.build` (2 devices): same loss, norm and params.
+
+  AdamW's first steps move every weight by ~lr x sign(grad), so a gradient that is zero up to
+  rounding may step either way: params agree within 2 x lr, the loss and norm within 1e-6.
+  """
   rng = np.random.default_rng(1)
   local = {"images": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
            "index": np.arange(8, dtype=np.int32)}
-  tiny_config.batch_size, tiny_config.mesh.data, tiny_config.base_lr = 8, 2, 1.0
+  tiny_config.batch_size, tiny_config.mesh.data, tiny_config.base_lr = 8, 2, 1e-4
   results = []
   for accum in (1, 2):
     tiny_config.accum_steps = accum
@@ -128,8 +132,8 @@ def test_accum_steps_on_a_sharded_mesh_with_adamw(tiny_config):
     results.append((sharding.to_host(state.params), jax.device_get(metrics)))
   (want_params, want), (got_params, got) = results
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
-  np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
-  _assert_trees_close(got_params, want_params, atol=1e-6)
+  np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-6)
+  _assert_trees_close(got_params, want_params, atol=2 * 1e-4 * 8 / 256)
 
 
 def test_accum_steps_refuses_a_batch_it_does_not_divide(tiny_config):
