@@ -108,6 +108,46 @@ def matmul_peaks(device, n=2048, repeats=7):
   return work / float(np.median(xs)), work / float(np.median(ts))
 
 
+def attention_only(batch, tokens, heads, head_dim, repeats):
+  """fwd + bwd of one attention core at one shape: our implementations vs torch, alternating."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from mae_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  shape = (batch, tokens, heads, head_dim)
+  rng = np.random.default_rng(0)
+  q, k, v, w = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+  runs = {}
+  for impl in ("matmul", "xla"):
+    f = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(
+        model_lib.attention_core(q, k, v, impl) * w), argnums=(0, 1, 2)))
+    args = tuple(map(jnp.asarray, (q, k, v)))
+    runs[f"jax {impl}"] = lambda f=f, args=args: jax.block_until_ready(f(*args))
+  tq, tk, tv = (torch.tensor(x.transpose(0, 2, 1, 3), requires_grad=True) for x in (q, k, v))
+  tw = torch.tensor(w.transpose(0, 2, 1, 3))
+
+  def eager():
+    p = ((tq * head_dim ** -0.5) @ tk.transpose(-2, -1)).softmax(-1)
+    torch.autograd.grad(((p @ tv) * tw).sum(), (tq, tk, tv))
+
+  def sdpa():
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+    torch.autograd.grad((out * tw).sum(), (tq, tk, tv))
+
+  runs.update({"torch eager": eager, "torch SDPA": sdpa})
+  times = {name: [] for name in runs}
+  for _ in range(2):
+    for run in runs.values():
+      run()
+  for _ in range(repeats):
+    for name, run in runs.items():
+      times[name].append(_timed(run, lambda: None))
+  print(f"# attention fwd+bwd {shape} (B, T, H, d) fp32, medians of {repeats}, alternating")
+  print("| implementation | ms | vs torch eager |")
+  print("|---|---|---|")
+  ref = float(np.median(times["torch eager"]))
+  for name, t in times.items():
+    print(f"| {name} | {1e3 * float(np.median(t)):.1f} | {ref / float(np.median(t)):.2f}x |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
@@ -119,37 +159,51 @@ def main():
   parser.add_argument("--compile", action="store_true", help="torch.compile the HF model")
   parser.add_argument("--config", default="",
                       help="overrides of our config, 'key=value,...' (e.g. attention=xla)")
+  parser.add_argument("--variants", default="", help="more of our configs timed in the same "
+                      "rotation, ';'-separated overrides (e.g. 'attention=xla;remat=full')")
+  parser.add_argument("--attention_only", default="",
+                      help="B,T,H,d: time only the attention core at this shape (e.g. 8,197,16,32)")
   args = parser.parse_args()
+  if args.attention_only:
+    attention_only(*map(int, args.attention_only.split(",")), max(args.repeats, 5))
+    return
   import torch  # pylint: disable=import-outside-toplevel
   dtype = "bfloat16" if args.device == "gpu" else "float32"
 
-  our_step, our_sync, compile_s, config = ours(args.size, args.batch, args.mask_ratio,
-                                               args.config, dtype)
-  hf_step, hf_sync = hf(args.size, args.batch, args.mask_ratio, args.device, args.compile)
+  runs, compile_s = {}, {}
+  for extra in [args.config] + [v for v in args.variants.split(";") if v]:
+    name = f"mae_jax {extra}".strip()
+    step, sync, compile_s[name], config = ours(args.size, args.batch, args.mask_ratio, extra,
+                                               dtype)
+    runs[name] = (step, sync, config)
+  runs["HF torch"] = hf(args.size, args.batch, args.mask_ratio, args.device, args.compile)
   for _ in range(args.warmup):
-    _timed(our_step, our_sync)
-    _timed(hf_step, hf_sync)
-  times = {"mae_jax": [], "HF torch": []}
-  for _ in range(args.repeats):
-    times["mae_jax"].append(_timed(our_step, our_sync))
-    times["HF torch"].append(_timed(hf_step, hf_sync))
+    for run in runs.values():
+      _timed(run[0], run[1])
+  times = {name: [] for name in runs}
+  for _ in range(args.repeats):  # A B A B ...: a busy neighbour slows both alike
+    for name, run in runs.items():
+      times[name].append(_timed(run[0], run[1]))
   xla_peak, torch_peak = matmul_peaks(args.device)
 
+  config = runs[next(iter(runs))][2]
   flops_per_image = flops.train_flops_per_image(config.model)
   print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()} "
         f"{jax.devices()[0].device_kind}; jax {jax.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); {args.size} batch {args.batch} mask "
-        f"{args.mask_ratio} {dtype}; our compile {compile_s:.1f} s; attention "
-        f"{config.model.get('attention', 'n/a')}; {flops_per_image / 1e9:.1f} GFLOP/img")
-  print("| framework | s/step (median) | min | img/s | matmul peak GFLOP/s | efficiency |")
-  print("|---|---|---|---|---|---|")
-  rates = {}
-  for name, peak in (("mae_jax", xla_peak), ("HF torch", torch_peak)):
-    step_s = float(np.median(times[name]))
-    rates[name] = args.batch / step_s
-    print(f"| {name} | {step_s:.3f} | {min(times[name]):.3f} | {rates[name]:.3g} | "
-          f"{peak / 1e9:.0f} | {100 * rates[name] * flops_per_image / peak:.0f}% |")
-  print(f"ratio mae_jax / HF img/s: {rates['mae_jax'] / rates['HF torch']:.2f}x")
+        f"{args.mask_ratio} {dtype}; our compile s {compile_s}; "
+        f"{flops_per_image / 1e9:.1f} GFLOP/img")
+  print("| framework | s/step (median) | min | img/s | matmul peak GFLOP/s | efficiency | "
+        "vs HF |")
+  print("|---|---|---|---|---|---|---|")
+  rates = {name: args.batch / float(np.median(t)) for name, t in times.items()}
+  for name in runs:
+    peak = torch_peak if name == "HF torch" else xla_peak
+    print(f"| {name} | {float(np.median(times[name])):.3f} | {min(times[name]):.3f} | "
+          f"{rates[name]:.3g} | {peak / 1e9:.0f} | {100 * rates[name] * flops_per_image / peak:.0f}%"
+          f" | {rates[name] / rates['HF torch']:.2f}x |")
+  first = next(iter(runs))
+  print(f"ratio {first} / HF img/s: {rates[first] / rates['HF torch']:.2f}x")
 
 
 if __name__ == "__main__":
