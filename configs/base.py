@@ -35,6 +35,9 @@ def sized_config(size, arg=None):
       mask_sampler="random",        # random | block | grid (Table 1f)
       mask_tokens_in_encoder=False,  # paper ablation (Table 1c); ~3.3x FLOPs
       dtype="float32",              # compute dtype (bfloat16 on accelerators)
+      attention="auto",             # auto | matmul | xla | cudnn; auto: matmul on CPU, cudnn on
+                                    # NVIDIA GPUs (bf16 / fp16), xla elsewhere
+      remat="none",                 # none | dots_saveable | full: activation checkpointing per block
       **model_lib.SIZES[size]))
 
   # Data. The bundled photos need no download; ImageNet: dataset="imagenet2012" with a
@@ -64,6 +67,7 @@ def sized_config(size, arg=None):
 
   # Optimisation (paper recipe): AdamW, lr = base_lr * batch / 256, warm-up + cosine.
   config.batch_size = 4096        # global batch
+  config.accum_steps = 1          # > 1: the batch runs as this many micro-batches in one step
   config.epochs = 800
   config.warmup_epochs = 40
   config.total_steps = -1         # > 0: train exactly this many steps (overrides epochs)

@@ -45,6 +45,8 @@ class ModelConfig:
   mask_sampler: str = "random"         # random | block | grid
   mask_tokens_in_encoder: bool = False  # paper Table 1c / Table 2 ablation
   dtype: str = "float32"               # compute dtype; parameters stay float32
+  attention: str = "auto"              # auto | matmul | xla | cudnn (see ATTENTION)
+  remat: str = "none"                  # none | dots_saveable | full, per block (see REMAT)
 
   @property
   def grid(self):
@@ -98,6 +100,10 @@ def model_config(cfg) -> ModelConfig:
   if mc.mask_sampler not in patches.MASK_SAMPLERS:
     raise ValueError(f"config.model.mask_sampler={mc.mask_sampler!r}; expected one of "
                      f"{patches.MASK_SAMPLERS}")
+  if mc.attention not in ATTENTION:
+    raise ValueError(f"config.model.attention={mc.attention!r}; expected one of {ATTENTION}")
+  if mc.remat not in REMAT:
+    raise ValueError(f"config.model.remat={mc.remat!r}; expected one of {tuple(REMAT)}")
   if mc.len_keep < 1:
     raise ValueError(f"config.model.mask_ratio={mc.mask_ratio} keeps no patch of "
                      f"{mc.num_patches}")
@@ -132,20 +138,54 @@ def layer_norm(dim, rngs):
   return nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
 
 
+# "matmul": (B*H, T, d) batched matmuls, the scale folded into q, softmax in fp32. On XLA:CPU
+# it runs the fwd+bwd of the decoder's attention (197 tokens, 16 x 32) ~2x faster than
+# jax.nn.dot_product_attention's "xla" path (benchmarks/RESULTS.md). "cudnn": the fused flash
+# kernel of NVIDIA GPUs (fp16 / bf16 only). "auto": cudnn on a GPU where it applies, matmul on
+# CPU, xla elsewhere (TPU).
+ATTENTION = ("auto", "matmul", "xla", "cudnn")
+
+
+def resolve_attention(attention, dtype, head_dim):
+  """The implementation "auto" stands for on the default backend (others pass through)."""
+  if attention != "auto":
+    return attention
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "matmul"
+  if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
+def attention_core(q, k, v, implementation):
+  """softmax(q k^T / sqrt(d)) v of (B, T, H, d) q, k, v -> (B, T, H, d)."""
+  if implementation in ("xla", "cudnn"):
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  batch, tokens, heads, head_dim = q.shape
+  to_bh = lambda x: x.transpose(0, 2, 1, 3).reshape(batch * heads, tokens, head_dim)
+  q = to_bh(q * jnp.asarray(head_dim ** -0.5, q.dtype))
+  scores = jnp.einsum("bqd,bkd->bqk", q, to_bh(k), preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (B*H, T, T), fp32 softmax
+  out = jnp.einsum("bqk,bkd->bqd", weights, to_bh(v))  # (B*H, T, d)
+  return out.reshape(batch, heads, tokens, head_dim).transpose(0, 2, 1, 3)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with one fused qkv projection (q, k, v stacked on the output)."""
 
-  def __init__(self, dim, num_heads, dtype, prefix="", *, rngs):
+  def __init__(self, dim, num_heads, dtype, prefix="", attention="auto", *, rngs):
     self.num_heads = num_heads
+    self.implementation = resolve_attention(attention, dtype, dim // num_heads)
     embed, heads = prefix + "embed", prefix + "heads"
     # One (D, 3D) xavier matrix, as the official init (not three (D, D) ones).
     self.qkv = _linear(dim, 3 * dim, dtype, rngs, (embed, heads))
     self.proj = _linear(dim, dim, dtype, rngs, (heads, embed))
 
   def __call__(self, x):  # (B, N, D)
-    qkv = self.qkv(x)
-    q, k, v = jnp.split(qkv.reshape(*x.shape[:2], 3, self.num_heads, -1), 3, axis=2)
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, H, hd)
+    qkv = self.qkv(x).reshape(*x.shape[:2], 3, self.num_heads, -1)  # (B, N, 3, H, hd)
+    out = attention_core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.implementation)
     return self.proj(out.reshape(x.shape[:2] + (-1,)))
 
 
@@ -158,17 +198,32 @@ class Mlp(nnx.Module):
     return self.fc2(nnx.gelu(self.fc1(x), approximate=False))
 
 
+# Activation checkpointing of each block: what its backward may keep from the forward.
+REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+         "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
 class Block(nnx.Module):
   """Pre-norm ViT block: x + Attn(LN(x)); x + MLP(LN(x))."""
 
-  def __init__(self, dim, num_heads, mlp_ratio, dtype, prefix="", *, rngs):
+  def __init__(self, dim, num_heads, mlp_ratio, dtype, prefix="", attention="auto",
+               remat="none", *, rngs):
+    self.remat = remat
     self.norm1 = layer_norm(dim, rngs)
-    self.attn = Attention(dim, num_heads, dtype, prefix, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype, prefix, attention, rngs=rngs)
     self.norm2 = layer_norm(dim, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, prefix, rngs=rngs)
 
   def __call__(self, x, drop_rate=0.0, key=None):
     """`drop_rate` > 0 with a `key`: drop path (stochastic depth) on both residual branches."""
+    if self.remat == "none":
+      return self.forward(x, drop_rate, key)
+    run = nnx.remat(lambda block, x, key: block.forward(x, drop_rate, key),
+                    policy=REMAT[self.remat])
+    return run(self, x, key)
+
+  def forward(self, x, drop_rate=0.0, key=None):
+    """The block without remat."""
     if drop_rate > 0.0 and key is not None:
       attn_key, mlp_key = jax.random.split(key)
       x = x + drop_path(self.attn(self.norm1(x)), drop_rate, attn_key)
@@ -225,8 +280,8 @@ class MAE(nnx.Module):
       self.encoder_mask_token = nnx.Param(token_init(rngs.params(), (1, 1, d)),
                                           out_sharding=(None, None, "embed"),
                                           eager_sharding=False)
-    self.blocks = nnx.List([Block(d, mc.num_heads, mc.mlp_ratio, dtype, rngs=rngs)
-                            for _ in range(mc.depth)])
+    self.blocks = nnx.List([Block(d, mc.num_heads, mc.mlp_ratio, dtype, "", mc.attention, mc.remat,
+                                  rngs=rngs) for _ in range(mc.depth)])
     self.norm = layer_norm(d, rngs)
 
     self.decoder_embed = _linear(d, d_dec, dtype, rngs, ("embed", "decoder_embed"))
@@ -234,7 +289,8 @@ class MAE(nnx.Module):
                                 out_sharding=(None, None, "decoder_embed"), eager_sharding=False)
     self.decoder_pos_embed = FixedEmbed(jnp.asarray(patches.sincos_2d(d_dec, mc.grid))[None])
     self.decoder_blocks = nnx.List([
-        Block(d_dec, mc.decoder_num_heads, mc.mlp_ratio, dtype, "decoder_", rngs=rngs)
+        Block(d_dec, mc.decoder_num_heads, mc.mlp_ratio, dtype, "decoder_", mc.attention,
+              mc.remat, rngs=rngs)
         for _ in range(mc.decoder_depth)])
     self.decoder_norm = layer_norm(d_dec, rngs)
     self.decoder_pred = _linear(d_dec, p * p * mc.in_chans, dtype, rngs, ("decoder_embed", None))

@@ -62,20 +62,54 @@ def _init(task, config, tx, attempt=0):
 
 
 def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batch):
-  """One optimizer step on the global `batch`; returns (new state, metrics)."""
-  key = jax.random.fold_in(static.key, state.step)
+  """One optimizer step on the global `batch`; returns (new state, metrics).
 
-  def loss_fn(params):
+  `config.accum_steps` = k > 1: the batch runs as k micro-batches (a `lax.scan`), their
+  gradients averaged: the same step as the big batch (masks come from each example's global
+  index), k times less activation memory. Micro-batch i holds examples i, i + k, ... so each
+  stays spread over the batch-sharded devices. Tasks with BatchNorm statistics are refused.
+  """
+  key = jax.random.fold_in(static.key, state.step)
+  accum = config.get("accum_steps", 1)
+
+  def loss_fn(params, micro, micro_key):
     if frozen is not None:  # no backward pass through what does not train
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     # Fresh Variable objects of this trace: the task may update them (BatchNorm statistics).
     model_state = jax.tree.map(lambda x: x, state.model_state)
     model = nnx.merge(graphdef, params, model_state, static.rest)
-    loss, metrics = task.loss(config, model, batch, key)
+    loss, metrics = task.loss(config, model, micro, micro_key)
     return loss, (metrics, nnx.state(model, task.model_state))
 
-  (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    (loss, (metrics, model_state)), grads = grad_fn(state.params, batch, key)
+  else:
+    size = jax.tree.leaves(batch)[0].shape[0]
+    if jax.tree.leaves(state.model_state):
+      raise ValueError(f"config.accum_steps={accum}: task {task.name!r} keeps BatchNorm "
+                       "statistics (linear probe), which micro-batches would change; use "
+                       "accum_steps=1")
+    if size % accum:
+      raise ValueError(f"config.accum_steps={accum} does not divide the global batch {size} "
+                       "(config.batch_size)")
+    # (B, ...) -> (k, B/k, ...): micro-batch i = examples i, i + k, i + 2k, ...
+    micros = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(size // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+    def accumulate(grad_sum, micro):
+      # The step's key for every micro-batch: masks come from (key, global index), so they
+      # equal the big batch's. Per-batch draws (classify: mixup lambda, drop path by
+      # position) repeat across the micro-batches.
+      (loss, (metrics, _)), grads = grad_fn(state.params, micro, key)
+      return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, (losses, metrics) = jax.lax.scan(accumulate, zeros, micros)
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    loss = jnp.mean(losses)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    model_state = state.model_state
   poison = config.get("debug_nonfinite_steps", ())
   if poison:  # test hook: non-finite gradients at these steps (before any roll-back)
     hit = jnp.isin(state.step, jnp.asarray(poison, jnp.int32)) & (static.attempt == 0)
