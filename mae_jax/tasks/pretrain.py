@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mae_jax import data, flops, imaging, optim, patches, pictures
+from mae_jax import data, evaluators, flops, imaging, optim, patches, pictures
 from mae_jax import model as model_lib
 from mae_jax.weights import keys, load
 
@@ -21,6 +21,7 @@ class Pretrain:
     """Validate the config; the epoch length comes from the dataset unless the config sets it."""
     model_lib.model_config(config.model)
     description = data.check_data(config)
+    evaluators.check(config)  # the probes' data and labels
     return f"{description}; {data.sources.fill_epoch_length(config)}"
 
   def build_model(self, config, rngs):
@@ -71,8 +72,8 @@ class Pretrain:
     return f"weights from {source} ({keys.KINDS[imported.kind]}){fresh}"
 
   def evaluators(self, config):
-    del config
-    return []
+    """Few-shot and k-NN probes of the frozen encoder (config.evals) where labels exist."""
+    return evaluators.from_config(config)
 
   def finish(self, config, model, writer, workdir, step):
     path = os.path.join(workdir, "reconstructions.png")
