@@ -20,6 +20,7 @@ from mae_jax import data as mae_data
 from mae_jax import model as model_lib
 from mae_jax.evaluators import fewshot, knn, probe_sets
 from mae_jax.tasks import pretrain
+from test_data_tf import imagenet  # noqa: F401  # pylint: disable=unused-import  # a fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=32,
@@ -147,6 +148,42 @@ def test_sets_are_fixed_disjoint_and_held_out(folder):
   assert probe_sets.resolve(config, "knn", config.evals.knn).train.files != probe.train.files
 
 
+def test_tfds_probe_sets_and_knn_against_one_numpy_pass(imagenet):
+  """imagenet2012 prepared by the real builder (9 train / 4 validation images, 1000 classes):
+  the first examples of train and validation; the defaults adapt, a named dataset is strict."""
+  config = _config(imagenet[0])
+  config.data.update(dataset="imagenet2012", manual_dir=imagenet[0], data_dir=imagenet[1],
+                     folder="", shuffle_buffer=16)
+  config.batch_size = 4
+  mae_data.tfds_builder(config.data, prepare=True)
+  probe = probe_sets.resolve(config, "knn", config.evals.knn)
+  assert (probe.train.split, probe.evals.split) == ("train[0:9]", "validation[0:4]")
+  assert (probe.train.size, probe.evals.size, probe.num_classes, probe.k) == (9, 4, 1000, 5)
+  few = probe_sets.resolve(config, "fewshot", config.evals.fewshot)
+  assert few.shots == () and "1/3-shot left out" in few.dropped  # 9 examples, 1000 classes
+  evs = pretrain.TASK.evaluators(config)
+  assert [type(e).__name__ for e in evs] == ["Knn"]
+  config.evals.knn.update(dataset="imagenet2012", k=20)
+  with pytest.raises(ValueError, match=r"config.evals.knn.k=20 neighbours but the probe's "
+                     r"train set \(imagenet2012 train\[0:9\]\) has 9 examples"):
+    pretrain.TASK.check(config)
+  config.evals.knn.k = 5
+  config.evals.fewshot.every_steps = 0
+  pairs = dict(train.evaluate(config, train.RANDOM_INIT))
+  one = config.copy_and_resolve_references()
+  model = model_lib.MAE(config.model, rngs=nnx.Rngs(config.seed))
+  feats = {}
+  for split in ("train[0:9]", "validation[0:4]"):
+    batches = list(mae_data.create_eval_iterator(one, split=split, process_index=0,
+                                                 process_count=1))
+    x = np.concatenate([np.asarray(evaluators.encoder_features(
+        model, imaging.normalize(b["images"]), "cls"))[b["valid"]] for b in batches])
+    feats[split] = x, np.concatenate([b["label"][b["valid"]] for b in batches])
+  (train_x, train_y), (test_x, test_y) = feats.values()
+  want = np.mean(knn.predict(train_x, train_y, test_x, num_classes=1000, k=5) == test_y)
+  assert pairs["knn/top1"] == pytest.approx(want, abs=1e-6)
+
+
 # ---------------------------------------------------------------- every example counted once
 
 def _free_port():
@@ -164,6 +201,7 @@ sys.path.insert(0, {tests!r})
 import numpy as np
 from mae_jax import evaluators, sharding, train
 from mae_jax.tasks import pretrain
+from test_data_tf import imagenet  # noqa: F401  # pylint: disable=unused-import  # a fixture
 import test_probes
 config = test_probes._config({folder!r})
 config.mesh.data, config.mesh.fsdp = 4, 2  # 8 devices over 2 processes, the batch over all
@@ -384,18 +422,14 @@ def test_evaluate_cli_on_ours_official_and_hf_checkpoints(probed_run, tmp_path):
                               str(tmp_path / "hf" / "model.safetensors"))
   (tmp_path / "hf" / "config.json").write_text(json.dumps(hf.hf_config(
       model_lib.model_config(config.model))))
-  flags = (f"--config=configs/tiny.py:{TINY_ARG}", "--config.data.dataset=image_folder",
-           f"--config.data.folder={config.data.folder}", "--config.batch_size=8",
-           "--config.mesh.data=1", "--config.evals.fewshot.shots=(1,3)",
-           "--config.evals.knn.k=5", "--config.evals.fewshot.train_examples=13",
-           "--config.evals.knn.train_examples=13", "--config.evals.fewshot.eval_examples=11",
-           "--config.evals.knn.eval_examples=11")
-  for source in (pth, str(tmp_path / "hf")):
-    out = _evaluate_cli(f"--checkpoint={source}", *flags, f"--out={tmp_path / 'x.json'}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert _metrics(out.stdout) == pytest.approx(want, abs=1e-6), source
+  for source in (pth, str(tmp_path / "hf")):  # in-process: what the CLI runs after parsing
+    pairs = train.evaluate(_config(config.data.folder), source)
+    assert dict(pairs) == pytest.approx(want, abs=1e-6), source
   # a bad probe through this CLI: one error line, exit 2
-  bad = _evaluate_cli(f"--checkpoint={pth}", *flags, "--config.evals.knn.type=svm")
+  bad = _evaluate_cli(f"--checkpoint={pth}", f"--config=configs/tiny.py:{TINY_ARG}",
+                      "--config.evals.knn.type=svm")
   assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
   assert bad.stderr.strip().splitlines()[-1].startswith(
       "error: config.evals.knn.type='svm': unknown evaluator type")
+
+

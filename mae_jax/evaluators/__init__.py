@@ -66,6 +66,9 @@ def from_config(config):
   shared = {}
   out = []
   for name, entry, probe in probes:
+    if entry.type == "fewshot" and not probe.shots:
+      log.info("probe %s off: %s", name, probe.dropped)
+      continue
     # evaluators reading the same images share one set: decoded once, features once per step
     probe.train = shared.setdefault(probe.train.key(), probe.train)
     probe.evals = shared.setdefault(probe.evals.key(), probe.evals)

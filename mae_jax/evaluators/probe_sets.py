@@ -7,8 +7,9 @@ Where the examples come from (`config.evals.NAME`, "" = as `config.data`):
   one, held out of `folder` (disjoint from the train set, at most half of it);
 - a TFDS dataset with labels: the first `train_examples` of `train_split` (TFDS splits are
   shuffled when prepared; for imagenet2012 the first 65,000 train examples hold >= 30 of
-  every class) and the first `eval_examples` of `eval_split` (a sub-split such as
-  'train[:1%]' is used whole). Held out of the same split when both splits are equal.
+  every class) and the first `eval_examples` of `eval_split`, held out of the same split
+  when both are equal. By default the plain names of `config.data.split` / `eval_split`
+  ('train' for 'train[:10%]'); a sub-split an entry names itself is used whole.
 """
 
 import copy
@@ -81,6 +82,11 @@ class ProbeSet:
     return context.memo[key]
 
 
+def _plain(split):
+  """'train[:10%]' / 'train+validation' -> 'train': the probes take their own first examples."""
+  return split.split("+")[0].split("[")[0].strip()
+
+
 def _probe_config(config, entry):
   """A copy of `config` whose `data` and `batch_size` are the probe's."""
   probe = copy.deepcopy(config)
@@ -91,8 +97,8 @@ def _probe_config(config, entry):
     if "eval_folder" not in d:
       d.eval_folder = ""
     d.eval_folder = e.eval_folder or d.eval_folder
-    d.split = e.train_split or d.split
-    d.eval_split = e.eval_split or d.eval_split
+    d.split = e.train_split or _plain(d.split)
+    d.eval_split = e.eval_split or _plain(d.eval_split)
     probe.batch_size = e.batch_size if e.batch_size > 0 else config.batch_size
   return probe
 
@@ -138,7 +144,12 @@ def _tfds_sets(config, entry, what):
   if num_classes is None:
     raise NoLabels(f"{what} has no class labels")
   data.dataset_info(config, d.eval_split)  # the split exists
-  sub = lambda split, start, stop: split if "[" in split else f"{split}[{start}:{stop}]"
+  def sub(split, start, stop):  # TFDS slices must lie inside the split
+    if "[" in split or "+" in split:
+      return split
+    size = builder.info.splits[split].num_examples
+    return f"{split}[{min(start, size)}:{min(stop, size)}]"
+
   train_split = sub(d.split, 0, entry.train_examples)
   held = d.split == d.eval_split
   start = builder.info.splits[train_split].num_examples if held else 0
