@@ -145,7 +145,14 @@ def test_sets_are_fixed_disjoint_and_held_out(folder):
   again = probe_sets.resolve(config, "knn", config.evals.knn)
   assert again.train.files == probe.train.files  # the same images every time
   config.evals.knn.seed = 1
-  assert probe_sets.resolve(config, "knn", config.evals.knn).train.files != probe.train.files
+  other = probe_sets.resolve(config, "knn", config.evals.knn)
+  assert other.train.files != probe.train.files and other.train.key() != probe.train.key()
+  # evaluators on the same images share one set (decoded once); on other images they do not
+  evs = pretrain.TASK.evaluators(config)
+  assert evs[0].probe.evals is not evs[1].probe.evals
+  config.evals.knn.seed = 0
+  evs = pretrain.TASK.evaluators(config)
+  assert evs[0].probe.train is evs[1].probe.train and evs[0].probe.evals is evs[1].probe.evals
 
 
 def test_tfds_probe_sets_and_knn_against_one_numpy_pass(imagenet):

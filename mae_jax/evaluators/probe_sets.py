@@ -14,6 +14,7 @@ Where the examples come from (`config.evals.NAME`, "" = as `config.data`):
 
 import copy
 import dataclasses
+import hashlib
 
 import jax
 import numpy as np
@@ -52,7 +53,11 @@ class ProbeSet:
     self._cache = size * per_image <= CACHE_BYTES * jax.process_count()
 
   def key(self):
-    return (self.description, self.config.batch_size)
+    """Equal for sets of the same images read the same way (shared by evaluators)."""
+    d = self.config.data
+    files = hashlib.sha1("\n".join(self.files[0]).encode()).hexdigest() if self.files else None
+    return (d.dataset, d.data_dir, self.split, files, self.config.batch_size,
+            self.config.model.img_size, d.ship_uint8, d.antialias)
 
   def _batches(self):
     if self._cached is not None:
