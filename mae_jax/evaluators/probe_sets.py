@@ -149,6 +149,7 @@ def _tfds_sets(config, entry, what):
   if num_classes is None:
     raise NoLabels(f"{what} has no class labels")
   data.dataset_info(config, d.eval_split)  # the split exists
+
   def sub(split, start, stop):  # TFDS slices must lie inside the split
     if "[" in split or "+" in split:
       return split

@@ -21,8 +21,9 @@ class Pretrain:
     """Validate the config; the epoch length comes from the dataset unless the config sets it."""
     model_lib.model_config(config.model)
     description = data.check_data(config)
+    epoch = data.sources.fill_epoch_length(config)  # prepares a TFDS dataset if it must
     evaluators.check(config)  # the probes' data and labels
-    return f"{description}; {data.sources.fill_epoch_length(config)}"
+    return f"{description}; {epoch}"
 
   def build_model(self, config, rngs):
     return model_lib.MAE(config.model, rngs=rngs)
