@@ -199,7 +199,7 @@ def _log_evals(pairs, writer, step):
 
 
 def evaluate(config, source=None, step=None):
-  """Evaluate a checkpoint (ours), any weights `init_from` accepts, or (`source="random"`) the
+  """Evaluate a checkpoint (ours), any weights `init_from` accepts, or (`source=RANDOM_INIT`) the
   state a run of `config` starts from, with the task's evaluators; returns [(name, value)]."""
   task = tasks.get(config)
   log.info("data: %s", task.check(config))
