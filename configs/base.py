@@ -16,6 +16,21 @@ from mae_jax import sharding
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
+# Where a probe's labelled images come from ("" = as config.data), and its features.
+PROBE_DATA = dict(
+    dataset="",             # "" = the training data; a TFDS name or image_folder: strict checks
+    folder="",              # image_folder root ("" = config.data.folder)
+    eval_folder="",         # ("" = config.data.eval_folder; none: held out of the folder)
+    train_split="",         # TFDS ("" = config.data.split): its first train_examples
+    eval_split="",          # TFDS ("" = config.data.eval_split): its first eval_examples
+    train_examples=65_000,  # imagenet2012: the first 65k train examples hold >= 30 per class
+    eval_examples=10_000,
+    pool="cls",             # cls token | mean of the patch tokens, after the final norm
+    batch_size=-1,          # global batch of the feature passes; -1 = config.batch_size
+    seed=0,                 # which images, and which shots of them
+)
+
+
 def get_config(arg=None):
   """The paper recipe for `vit_l`; size configs call `sized_config`."""
   return sized_config("vit_l", arg)
@@ -48,6 +63,7 @@ def sized_config(size, arg=None):
       data_dir="",              # TFDS data_dir, local or gs:// ("" = TFDS default)
       manual_dir="",            # ILSVRC2012_img_{train,val}.tar: prepares imagenet2012 if needed
       folder="",                # image_folder root: folder/<class>/<image>
+      eval_folder="",           # image_folder of evaluation / probe images ("" = none)
       split="train",            # pre-training split (TFDS sub-split syntax allowed)
       eval_split="validation",
       crop="random_resized",    # random_resized | fixed_size | center (Table 1e ablations)
@@ -98,6 +114,14 @@ def sized_config(size, arg=None):
   # with an error (the good checkpoint stays on disk).
   config.nan_patience = 20
   config.max_rollbacks = 3
+
+  # Probes of the frozen encoder (mae_jax/evaluators): few-shot and k-NN accuracy every
+  # `every_steps` steps and at the end (-1: only at the end, 0: off); on by default when the
+  # training data have labels (off with one log line when not). ~0.5% of a ViT-L run's time.
+  config.evals = ml_collections.ConfigDict(dict(
+      fewshot=dict(type="fewshot", every_steps=2500, shots=(1, 5, 10, 25), seeds=3,
+                   l2_reg=2.0 ** 10, **PROBE_DATA),
+      knn=dict(type="knn", every_steps=2500, k=20, temperature=0.07, **PROBE_DATA)))
 
   # Logging and outputs.
   config.log_every = 50           # steps between log lines / TensorBoard scalars

@@ -24,6 +24,7 @@ def _classify_config(size):
   config.task = "classify"
   config.init_from = ""   # pre-trained weights: our workdir / step dir, official .pth, HF file
   config.eval_every = 5000  # steps between evaluations (and at the end); -1: only at the end
+  config.evals = ml_collections.ConfigDict()  # the probes are pre-training's (configs/base.py)
   # The decoder fields stay in config.model (ignored here) so a pre-training config's model
   # section can be pasted in unchanged.
   config.data.update(dataset="imagenet2012", split="train", eval_split="validation",

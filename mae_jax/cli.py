@@ -6,9 +6,8 @@ traceback; anything else is a bug and keeps its traceback.
 """
 
 import argparse
+import logging
 import sys
-
-from mae_jax import api
 
 USER_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
                ImportError, FloatingPointError)
@@ -60,6 +59,7 @@ def add_checkpoint_flags(parser, what):
 
 def load_from_flags(args, require_decoder=False):
   """The `Pretrained` that --checkpoint, --step and the model flags name."""
+  from mae_jax import api  # pylint: disable=import-outside-toplevel  # keeps `--help` instant
   return api.load_any(args.checkpoint, step=args.step, require_decoder=require_decoder,
                       **model_overrides(args))
 
@@ -67,6 +67,36 @@ def load_from_flags(args, require_decoder=False):
 def model_overrides(args):
   """The model fields given on the command line (None where unset) and the init seed."""
   return dict({n: getattr(args, n) for n in MODEL_FIELDS}, seed=args.init_seed)
+
+
+def setup_logging(is_chief=True):
+  """Our progress lines to stdout (process 0 only); library INFO chatter silenced."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log = logging.getLogger("mae_jax")
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO if is_chief else logging.WARNING)
+  log.propagate = False
+  return log
+
+
+def parse_absl_flags(argv, values, config_required=True):
+  """absl's parsing of `values` (a FlagValues with a `config` file flag); a bad flag or a
+  --config file that fails to load is one `error:` line."""
+  try:
+    remaining = values(argv)
+    if config_required or values.config is not None:
+      values.config.get("task")  # a --config that failed to load raises here
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except
+    from mae_jax import config_check  # pylint: disable=import-outside-toplevel
+    message = config_check.load_error(e, argv)
+    if message is None:
+      raise
+    user_error(message)
 
 
 def user_error(message):

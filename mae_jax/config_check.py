@@ -3,9 +3,10 @@
 `check(config)` is what `mae_jax.main` runs first: the type, range or choices of each field
 in `FIELDS` (pre-training and classification), then the checks that live beside what they
 check (`tasks.get`, `model.model_config`, `classifier.classifier_config`, the mesh and the
-batch split), then that `config.init_from` / `--restore` exist. The data themselves (an image
-folder's images, a TFDS dataset and split, the crop mode) are checked by the task's `check`,
-also before any compile. Fields the table does not know (a later feature's) pass unchecked;
+batch split), the probes of `config.evals` (`EVAL_FIELDS`, by type), then that
+`config.init_from` / `--restore` exist. The data themselves (an image folder's images, a TFDS
+dataset and split, the crop mode, the probes' labels) are checked by the task's `check`, also
+before any compile. Fields the table does not know (a later feature's) pass unchecked;
 fields a config lacks are skipped.
 
 `load_error` turns a bad flag or a `--config` file that does not load into one line.
@@ -15,7 +16,7 @@ import numbers
 import os
 import traceback
 
-from mae_jax import classifier, sharding, tasks
+from mae_jax import classifier, evaluators, sharding, tasks
 from mae_jax import model as model_lib
 
 DTYPES = ("float32", "bfloat16", "float16")  # model compute dtypes; parameters stay float32
@@ -98,6 +99,26 @@ FIELDS = {
     "finetune.mixup_prob": PROBABILITY, "finetune.label_smoothing": BELOW_ONE,
 }
 
+# The fields of one probe `config.evals.<name>` (mae_jax/evaluators), by its type; an entry's
+# unknown field is an error (a typo would otherwise silently keep the default).
+_EVAL_COMMON = {
+    "type": (f"one of {tuple(sorted(evaluators.TYPES))}", evaluators.TYPES.__contains__),
+    "every_steps": ("an int >= -1 (N: every N steps, -1: only at the end, 0: off)",
+                    lambda v: _int(v) and v >= -1),
+    "dataset": STR, "folder": STR, "eval_folder": STR, "train_split": STR, "eval_split": STR,
+    "train_examples": POSITIVE_INT, "eval_examples": POSITIVE_INT,
+    "pool": (f"one of {evaluators.POOLS}", evaluators.POOLS.__contains__),
+    "batch_size": ("a positive int or -1 (config.batch_size)",
+                   lambda v: _int(v) and (v > 0 or v == -1)),
+    "seed": INT,
+}
+EVAL_FIELDS = {
+    "fewshot": {**_EVAL_COMMON, "shots": (
+        "a non-empty tuple of positive ints", lambda v: isinstance(v, (tuple, list)) and bool(v)
+        and all(_int(k) and k > 0 for k in v)), "seeds": POSITIVE_INT, "l2_reg": POSITIVE},
+    "knn": {**_EVAL_COMMON, "k": POSITIVE_INT, "temperature": POSITIVE},
+}
+
 _MISSING = object()
 
 
@@ -110,12 +131,33 @@ def _get(config, path):
   return node
 
 
-def check_fields(config, fields=None):
+def check_fields(config, fields=None, prefix=""):
   """ValueError naming the first field of `fields` (default FIELDS) that is out of range."""
   for path, (expected, ok) in (fields or FIELDS).items():
     value = _get(config, path)
     if value is not _MISSING and not ok(value):
-      raise ValueError(f"config.{path} must be {expected}, got {value!r}")
+      raise ValueError(f"config.{prefix}{path} must be {expected}, got {value!r}")
+
+
+def check_evals(config):
+  """Each `config.evals.<name>`: a known type, its fields in range, no unknown field."""
+  evals = config.get("evals") or {}
+  for name in evals:
+    entry = evals[name]
+    if not hasattr(entry, "keys"):
+      raise ValueError(f"config.evals.{name} must be a dict(type=..., ...), got {entry!r}")
+    kind = entry.get("type")
+    if kind not in EVAL_FIELDS:
+      raise ValueError(f"config.evals.{name}.type={kind!r}: unknown evaluator type; expected "
+                       f"one of {tuple(sorted(EVAL_FIELDS))}")
+    fields = EVAL_FIELDS[kind]
+    unknown = sorted(set(entry) - set(fields))
+    if unknown:
+      raise ValueError(f"config.evals.{name} ({kind}) has no field {unknown[0]!r}; its fields: "
+                       f"{', '.join(sorted(fields))}")
+    check_fields(entry, fields, prefix=f"evals.{name}.")
+    if entry.get("batch_size", -1) > 0:
+      sharding.check_batch(entry.batch_size, sharding.make_mesh(config.mesh))
 
 
 def _check_exists(name, path, expected):
@@ -137,6 +179,7 @@ def check(config, *, restore=None):
       values["num_classes"] = 2
     classifier.classifier_config(values)
   sharding.check_batch(config.batch_size, sharding.make_mesh(config.mesh))
+  check_evals(config)
   _check_exists("config.init_from", config.get("init_from", ""), WEIGHTS)
   _check_exists("--restore", restore, WEIGHTS)
 

@@ -4,13 +4,13 @@ Flags only and platform set-up; the work is in `mae_jax.train`. A run resumes
 automatically from the latest complete checkpoint in --workdir.
 """
 
-import logging
 import os
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from mae_jax import cli
+from mae_jax.cli import setup_logging
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -47,19 +47,6 @@ def multihost_detected(environ=os.environ):
   return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def setup_logging(is_chief=True):
-  """Our progress lines to stdout (process 0 only); library INFO chatter silenced."""
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  log = logging.getLogger("mae_jax")
-  if not log.handlers:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-  log.setLevel(logging.INFO if is_chief else logging.WARNING)
-  log.propagate = False
-  return log
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -70,7 +57,7 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   log = setup_logging(jax.process_index() == 0)
-  from mae_jax import cli, config_check, train
+  from mae_jax import config_check, train  # pylint: disable=import-outside-toplevel
   log.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count(), jax.devices()[0].device_kind)
@@ -88,16 +75,7 @@ def main(argv):
 
 def parse_flags(argv):
   """absl's flag parsing; a bad flag or a --config file that fails to load is one `error:` line."""
-  try:
-    remaining = FLAGS(argv)
-    FLAGS.config.get("task")  # a --config that failed to load raises here
-    return remaining
-  except Exception as e:  # pylint: disable=broad-except
-    from mae_jax import cli, config_check  # pylint: disable=import-outside-toplevel
-    message = config_check.load_error(e, argv)
-    if message is None:
-      raise
-    cli.user_error(message)
+  return cli.parse_absl_flags(argv, FLAGS)
 
 
 def run():

@@ -21,12 +21,15 @@ from flax import nnx
 
 from mae_jax import checkpointing, config_check, flops, initial_state, optim, sharding, summaries
 from mae_jax import tasks
+from mae_jax import evaluators as evaluators_lib
 from mae_jax import guard as guard_lib
 from mae_jax import state as state_lib
 from mae_jax import model as model_lib
 from mae_jax.weights import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+
+RANDOM_INIT = "<random init>"  # evaluate(): the freshly initialised state (a run's step 0)
 
 
 def schedule_steps(config):
@@ -214,20 +217,24 @@ def _host_model(built, state, static):
 
 
 def run_evaluators(built, evaluators, state, static, mesh):
-  """[(name, value)] of every evaluator on the current state."""
-  compiled = lambda local: built.eval_fn(state, static, sharding.global_batch(local, mesh))
-  return [pair for ev in evaluators for pair in ev.run(compiled)]
+  """[(name, value)] of every evaluator on the current state, and the seconds they took."""
+  start = time.perf_counter()
+  context = evaluators_lib.Context(built, state, static, mesh)
+  pairs = [pair for ev in evaluators for pair in ev.run(context)]
+  return pairs + ([("eval_seconds", time.perf_counter() - start)] if pairs else [])
 
 
 def _log_evals(pairs, writer, step):
   if pairs:
-    log.info("step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in pairs))
+    log.info("step %d  %s", step, "  ".join(
+        f"{k} {v:.1f}s" if k == "eval_seconds" else f"{k} {v:.4f}" for k, v in pairs))
     writer.scalars(step, dict(pairs))
     writer.flush()
 
 
-def evaluate(config, source=None):
-  """Evaluate a checkpoint (ours) or any weights `init_from` accepts; returns [(name, value)]."""
+def evaluate(config, source=None, step=None):
+  """Evaluate a checkpoint (ours), any weights `init_from` accepts, or (`source=RANDOM_INIT`) the
+  state a run of `config` starts from, with the task's evaluators; returns [(name, value)]."""
   task = tasks.get(config)
   log.info("data: %s", task.check(config))
   mesh = sharding.make_mesh(config.mesh)
@@ -236,14 +243,27 @@ def evaluate(config, source=None):
   source = source or config.get("init_from", "")
   if not source:
     raise ValueError("--eval_only needs a checkpoint: --restore=PATH or --config.init_from=PATH")
-  if workdir_lib.is_our_checkpoint(source):
+  evaluators = task.evaluators(config)
+  if not evaluators:
+    raise ValueError(f"config.task={task.name!r} with these data has nothing to evaluate "
+                     "(see the log line above)")
+  if source == RANDOM_INIT:
+    state = built.init_fn()[0]
+  elif workdir_lib.is_our_checkpoint(source):
     if not initial_state.same_task(config, source):
-      raise ValueError(f"{source} is a pre-training checkpoint: it has no classifier head to "
-                       "evaluate; fine-tune or linear-probe it first (--config.init_from)")
-    state = initial_state.restore_items(built, (source, None))[0]
-  else:
-    state = initial_state.from_weights(built, config, source, whole_classifier=True)
-  pairs = run_evaluators(built, task.evaluators(config), state, built.init_static(), mesh)
+      if hasattr(task, "eval_sums"):
+        raise ValueError(f"{source} is a pre-training checkpoint: it has no classifier head to "
+                         "evaluate; fine-tune or linear-probe it first (--config.init_from)")
+      raise ValueError(f"{source} is a checkpoint of another task than config.task="
+                       f"{task.name!r}; evaluate it with its own config")
+    state = initial_state.restore_items(built, (source, step))[0]
+  else:  # a task with eval sums of its own evaluates the whole model, head included
+    state = initial_state.from_weights(built, config, source,
+                                       whole_classifier=hasattr(task, "eval_sums"))
+  pairs = run_evaluators(built, evaluators, state, built.init_static(), mesh)
+  seconds = dict(pairs).pop("eval_seconds", 0.0)
+  pairs = [(name, value) for name, value in pairs if name != "eval_seconds"]
+  log.info("evaluated in %.1fs", seconds)
   for name, value in pairs:
     print(f"{name} {value:.6g}", flush=True)
   return pairs

@@ -260,12 +260,15 @@ def create_pretrain_iterator(config, *, start_step=0, process_index=None, proces
                    start_step=start_step)
 
 
-def create_eval_iterator(config, *, split=None, process_index=None, process_count=None):
+def create_eval_iterator(config, *, split=None, files=None, process_index=None,
+                         process_count=None):
   """One pass over this process's share of `split` (default `data.eval_split`) in order.
 
   Eval transform (shorter side to 256, centre 224, scaled to the image size). Batches
-  hold `images`, `label` and `valid` (False on padding); every process yields the same
-  number of batches, the last ones padded.
+  hold `images`, `label`, `valid` (False on padding) and `index` (the example's position in
+  the whole split, -1 on padding); every process yields the same number of batches, the
+  last ones padded. `files` = (paths, labels, classes) reads those image files instead
+  (a fixed subset of an image folder).
   """
   tf, _ = tf_modules()
   process_index, process_count = _defaults(process_index, process_count)
@@ -273,7 +276,9 @@ def create_eval_iterator(config, *, split=None, process_index=None, process_coun
   if data.dataset == BUNDLED:
     raise ValueError(f"config.data.dataset={BUNDLED!r} has no evaluation split")
   batch = _local_batch(config.batch_size, process_count)
-  if data.dataset == sources.FOLDER and data.get("eval_folder"):
+  if files is not None:
+    source = sources.FolderSource(data.folder, process_index, process_count, files=files)
+  elif data.dataset == sources.FOLDER and data.get("eval_folder"):
     source = sources.FolderSource(data.eval_folder, process_index, process_count)
   else:
     source = sources.make_source(config, split or data.eval_split, process_index, process_count)
@@ -281,14 +286,17 @@ def create_eval_iterator(config, *, split=None, process_index=None, process_coun
   num_batches = -(-per_process // batch)
   size = sources.image_size(config)
 
-  def load(payload, label):
+  def load(position, record):
+    payload, label = record
     image = eval_transform(source.load(payload), size=size, antialias=data.antialias,
                            ship_uint8=data.ship_uint8)
-    return {"images": image, "label": tf.cast(label, tf.int32), "valid": True}
+    return {"images": image, "label": tf.cast(label, tf.int32), "valid": True,
+            "index": tf.cast(position + source.start, tf.int32)}
 
   pad = {"images": tf.zeros([size, size, 3], tf.uint8 if data.ship_uint8 else tf.float32),
-         "label": tf.constant(-1, tf.int32), "valid": False}
-  ds = source.records(0, shuffle=False).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+         "label": tf.constant(-1, tf.int32), "valid": False, "index": tf.constant(-1, tf.int32)}
+  ds = source.records(0, shuffle=False).enumerate()
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * batch).batch(batch).prefetch(tf.data.AUTOTUNE)
   return ds.as_numpy_iterator()

@@ -62,15 +62,21 @@ def list_image_folder(root):
 
 
 class FolderSource:
-  """This process's share of an image folder; each epoch a full permutation of it."""
+  """This process's share of an image folder; each epoch a full permutation of it.
 
-  def __init__(self, root, process_index, process_count):
+  `files` = (paths, labels, classes) replaces the listing of `root`: a fixed subset of it
+  in a fixed order (the probe sets of `mae_jax.evaluators`). `start` is the position of
+  this process's first example in the whole listing.
+  """
+
+  def __init__(self, root, process_index, process_count, files=None):
     self.root = root
-    paths, labels, self.classes = list_image_folder(root)
+    paths, labels, self.classes = files or list_image_folder(root)
     start, end = process_range(len(paths), process_index, process_count)
     self.paths, self.labels = np.array(paths[start:end]), np.array(labels[start:end], np.int64)
     self.num_examples = end - start
     self.total_examples = len(paths)
+    self.start = start
 
   def records(self, epoch_seed, shuffle=True):
     """(path, label) dataset in epoch order; `load` turns a path into encoded bytes."""
@@ -97,8 +103,10 @@ class TfdsSource:
                               f"{process_count} processes cannot prepare it together; prepare "
                               f"it first. {IMAGENET_HOW_TO}")
     _check_split(self.builder, split, data)
-    self.split = tfds.even_splits(split, n=process_count)[process_index]
+    shares = tfds.even_splits(split, n=process_count)
+    self.split = shares[process_index]
     self.num_examples = self.builder.info.splits[self.split].num_examples
+    self.start = sum(self.builder.info.splits[s].num_examples for s in shares[:process_index])
     self.total_examples = self.builder.info.splits[split].num_examples
     self.image_key, self.label_key = self.builder.info.supervised_keys or ("image", "label")
     self.shuffle_buffer = data.shuffle_buffer

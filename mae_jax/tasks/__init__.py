@@ -11,7 +11,8 @@ A task is an object with:
 - `train_batches(config, start_step)`: the resumable iterator (`state()` / `restore()`).
 - `initial_weights(config, model, source)`: fill `model` from `config.init_from` (or from
   `--restore` weights without optimizer state); returns a one-line report.
-- `evaluators(config)`: objects with `every_steps`, `name`, `run(predict) -> [(name, value)]`.
+- `evaluators(config)`: objects with `every_steps`, `name`, `run(context) -> [(name, value)]`
+  (`mae_jax.evaluators.Context`: state, mesh, the jitted eval sums and feature function).
 - `finish(config, model, writer, workdir, step)`: end-of-run outputs (pictures).
 """
 

@@ -185,8 +185,9 @@ def eval_sums(model, batch):
 class Accuracy:
   """Top-1 / top-5 / loss on the eval split, every example exactly once on any process count.
 
-  `run(evaluate_batch)` takes a function from a local eval batch to the global sums of
-  `eval_sums` (the loop jits it over the mesh).
+  `run(context)` takes the loop's `evaluators.Context`, whose `evaluate_batch` maps a local
+  eval batch to the global sums of `eval_sums` (jitted over the mesh); a plain function
+  doing that works too.
   """
 
   name = "eval"
@@ -195,7 +196,8 @@ class Accuracy:
     self.config = config
     self.every_steps = config.get("eval_every", -1)
 
-  def run(self, evaluate_batch):
+  def run(self, context):
+    evaluate_batch = getattr(context, "evaluate_batch", context)
     totals = {}
     for batch in data.create_eval_iterator(self.config):
       sums = evaluate_batch(batch)

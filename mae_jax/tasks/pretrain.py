@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mae_jax import data, flops, imaging, optim, patches, pictures
+from mae_jax import data, evaluators, flops, imaging, optim, patches, pictures
 from mae_jax import model as model_lib
 from mae_jax.weights import keys, load
 
@@ -27,7 +27,9 @@ class Pretrain:
     """Validate the config; the epoch length comes from the dataset unless the config sets it."""
     model_lib.model_config(config.model)
     description = data.check_data(config)
-    return f"{description}; {data.sources.fill_epoch_length(config)}"
+    epoch = data.sources.fill_epoch_length(config)  # prepares a TFDS dataset if it must
+    evaluators.check(config)  # the probes' data and labels
+    return f"{description}; {epoch}"
 
   def build_model(self, config, rngs):
     return model_lib.MAE(config.model, rngs=rngs)
@@ -77,8 +79,8 @@ class Pretrain:
     return f"weights from {source} ({keys.KINDS[imported.kind]}){fresh}"
 
   def evaluators(self, config):
-    del config
-    return []
+    """Few-shot and k-NN probes of the frozen encoder (config.evals) where labels exist."""
+    return evaluators.from_config(config)
 
   def finish(self, config, model, writer, workdir, step):
     path = os.path.join(workdir, "reconstructions.png")

@@ -1,0 +1,64 @@
+"""What an evaluator's `run(context)` gets from the loop: the built step functions, the state,
+the mesh, and the jitted, sharded encoder feature function."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax import features as features_lib
+from mae_jax import imaging, sharding
+
+
+def encoder_features(model, images, pool):
+  """(B, D) frozen features, no masking, inference mode: the MAE encoder's cls token or mean
+  of its patch tokens after the final norm; a classifier's own pooled features."""
+  if hasattr(model, "encode"):
+    return features_lib.pool_tokens(model.encode(images), pool)
+  return model.features(images)
+
+
+def _features_step(graphdef, pool, params, model_state, static, batch):
+  model = nnx.merge(graphdef, params, model_state, static.rest)
+  images = batch["images"]
+  if images.dtype == np.uint8:
+    images = imaging.normalize(images)
+  feats = encoder_features(model, images, pool).astype(jnp.float32)
+  return {"features": feats, "label": batch["label"], "valid": batch["valid"],
+          "index": batch["index"]}
+
+
+def feature_fn(built, mesh, pool):
+  """The jitted features of one global eval batch, replicated on every device (an all-gather),
+  compiled once per run and pool."""
+  cache = vars(built).setdefault("feature_fns", {})
+  if pool not in cache:
+    cache[pool] = jax.jit(
+        functools.partial(_features_step, built.graphdef, pool),
+        in_shardings=(built.state_sh.params, built.state_sh.model_state, built.static_sh,
+                      sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh))
+  return cache[pool]
+
+
+class Context:
+  """One evaluation of the current state; `memo` shares features between evaluators."""
+
+  def __init__(self, built, state, static, mesh):
+    self.built, self.state, self.static, self.mesh = built, state, static, mesh
+    self.memo = {}
+
+  def evaluate_batch(self, local_batch):
+    """The task's eval sums (`built.eval_fn`) of this process's share of a global batch."""
+    return self.built.eval_fn(self.state, self.static,
+                              sharding.global_batch(local_batch, self.mesh))
+
+  def features(self, local_batch, pool):
+    """numpy `features` (B, D), `label`, `valid`, `index` of the whole global batch, on
+    every process."""
+    fn = feature_fn(self.built, self.mesh, pool)
+    out = fn(self.state.params, self.state.model_state, self.static,
+             sharding.global_batch(local_batch, self.mesh))
+    return {k: np.asarray(v) for k, v in sharding.to_host(out).items()}
