@@ -380,7 +380,9 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
           continue
       due = [ev for ev in evaluators if ev.every_steps > 0 and step % ev.every_steps == 0]
       if due and step < total_steps:
+        started = time.perf_counter()
         _log_evals(run_evaluators(built, due, state, static, mesh), writer, step)
+        tick += time.perf_counter() - started  # img/s and MFU count training time only
       every = config.get("image_every", -1)
       if every > 0 and step % every == 0 and step < total_steps:
         task.periodic(config, _host_model(built, state, static), writer, step)
