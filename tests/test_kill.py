@@ -186,7 +186,7 @@ def _kill_at(run, kind, start, rng, workdir):
     ready = run.wait_until(lambda: run.seen("data: 18 bundled photos"))
     delay = rng.uniform(0, 1.0)
   elif kind == "compile":  # logged right before lowering and compiling the step
-    ready = run.wait_until(lambda: run.seen("trainable parameters"))
+    ready = run.wait_until(lambda: run.seen("M trainable); steps"))
     delay = rng.uniform(0, 0.6)
   elif kind == "steps":  # after any logged step still to come
     target = int(rng.choice(np.arange(start + 2, STEPS + 1, 2)))
