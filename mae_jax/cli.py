@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 
-USER_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
-               ImportError, FloatingPointError)
+from mae_jax.errors import USER_ERRORS  # noqa: F401  (re-exported: cli.USER_ERRORS)
+
 USER_ERROR_EXIT = 2  # as argparse and absl do for a bad command line
 MODEL_FIELDS = ("img_size", "num_heads", "decoder_embed_dim", "decoder_depth",
                 "decoder_num_heads", "norm_pix_loss")

@@ -16,7 +16,7 @@ import numbers
 import os
 import traceback
 
-from mae_jax import classifier, evaluators, sharding, tasks
+from mae_jax import classifier, errors, evaluators, sharding, tasks
 from mae_jax import model as model_lib
 
 DTYPES = ("float32", "bfloat16", "float16")  # model compute dtypes; parameters stay float32
@@ -225,7 +225,6 @@ def load_error(error, argv):
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
 
-  from mae_jax import cli  # pylint: disable=import-outside-toplevel
   cause, file = _cause(error), config_file(argv)
   if isinstance(error, OSError) and file and not os.path.isfile(file):
     return f"--config={file}: no such file (relative to {os.getcwd()})"
@@ -233,7 +232,7 @@ def load_error(error, argv):
   frames = traceback.extract_tb(cause.__traceback__)
   where = frames[-1].filename if frames else ""  # where `cause` was raised
   text = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
-  text = text if isinstance(cause, cli.USER_ERRORS) else f"{type(cause).__name__}: {text}"
+  text = text if isinstance(cause, errors.USER_ERRORS) else f"{type(cause).__name__}: {text}"
   if isinstance(cause, SyntaxError) and own(cause.filename or ""):
     return f"--config={file}: line {cause.lineno}: SyntaxError: {cause.msg}"
   if own(where):
@@ -247,7 +246,7 @@ def load_error(error, argv):
   loading = not isinstance(error, flags.Error) or "Error whilst parsing config file" in str(error)
   if not loading:
     return str(error).splitlines()[0]
-  if (_in_configs(where) and isinstance(cause, cli.USER_ERRORS)
+  if (_in_configs(where) and isinstance(cause, errors.USER_ERRORS)
       or f"{os.sep}ml_collections{os.sep}" in where):
     prefix = str(error).split(": ", 1)[0] if isinstance(error, flags.Error) else f"--config={file}"
     return f"{prefix}: {text}"

@@ -17,9 +17,9 @@ import tqdm
 from flax import nnx
 
 from mae_jax import atomic, cli, imaging
+from mae_jax.evaluators.context import POOLS, pool_tokens
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-POOLS = ("cls", "mean")
 
 
 def list_images(images_dir):
@@ -35,15 +35,6 @@ def list_images(images_dir):
     raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
                             f"--images_dir={images_dir}")
   return found
-
-
-def pool_tokens(tokens, pool):
-  """(B, 1+L, D) encoder output -> (B, D): the cls token or the mean of the patch tokens."""
-  if pool == "cls":
-    return tokens[:, 0]
-  if pool == "mean":
-    return tokens[:, 1:].mean(axis=1)
-  raise ValueError(f"--pool={pool!r}; expected one of {POOLS}")
 
 
 def make_encoder(model, pool):

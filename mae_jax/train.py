@@ -251,7 +251,7 @@ def evaluate(config, source=None, step=None):
     state = built.init_fn()[0]
   elif workdir_lib.is_our_checkpoint(source):
     if not initial_state.same_task(config, source):
-      if hasattr(task, "eval_sums"):
+      if task.eval_sums is not None:
         raise ValueError(f"{source} is a pre-training checkpoint: it has no classifier head to "
                          "evaluate; fine-tune or linear-probe it first (--config.init_from)")
       raise ValueError(f"{source} is a checkpoint of another task than config.task="
@@ -259,7 +259,7 @@ def evaluate(config, source=None, step=None):
     state = initial_state.restore_items(built, (source, step))[0]
   else:  # a task with eval sums of its own evaluates the whole model, head included
     state = initial_state.from_weights(built, config, source,
-                                       whole_classifier=hasattr(task, "eval_sums"))
+                                       whole_classifier=task.eval_sums is not None)
   pairs = run_evaluators(built, evaluators, state, built.init_static(), mesh)
   seconds = dict(pairs).pop("eval_seconds", 0.0)
   pairs = [(name, value) for name, value in pairs if name != "eval_seconds"]

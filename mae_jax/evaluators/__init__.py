@@ -20,12 +20,11 @@ without class folders) the probes are off with one log line, unless an entry nam
 import logging
 
 from mae_jax.evaluators import fewshot, knn, probe_sets
-from mae_jax.evaluators.context import Context, encoder_features  # noqa: F401
+from mae_jax.evaluators.context import POOLS, Context, encoder_features  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 TYPES = {"fewshot": fewshot.FewShot, "knn": knn.Knn}
-POOLS = ("cls", "mean")
 
 
 def _entries(config):

@@ -8,15 +8,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import features as features_lib
 from mae_jax import imaging, sharding
+
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens, pool):
+  """(B, 1+L, D) encoder output -> (B, D): the cls token or the mean of the patch tokens."""
+  if pool == "cls":
+    return tokens[:, 0]
+  if pool == "mean":
+    return tokens[:, 1:].mean(axis=1)
+  raise ValueError(f"--pool={pool!r}; expected one of {POOLS}")
 
 
 def encoder_features(model, images, pool):
   """(B, D) frozen features, no masking, inference mode: the MAE encoder's cls token or mean
   of its patch tokens after the final norm; a classifier's own pooled features."""
   if hasattr(model, "encode"):
-    return features_lib.pool_tokens(model.encode(images), pool)
+    return pool_tokens(model.encode(images), pool)
   return model.features(images)
 
 
