@@ -53,6 +53,7 @@ def sized_config(size, arg=None):
       attention="auto",             # auto | matmul | xla | cudnn; auto: matmul on CPU, cudnn on
                                     # NVIDIA GPUs (bf16 / fp16), xla elsewhere
       remat="none",                 # none | dots_saveable | full: activation checkpointing per block
+      scan=False,                   # True: one lax.scan over the blocks (compile time; same numbers)
       **model_lib.SIZES[size]))
 
   # Data. The bundled photos need no download; ImageNet: dataset="imagenet2012" with a

@@ -14,7 +14,6 @@ official linear probe. Pooling and head are independent.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -70,7 +69,8 @@ class Classifier(nnx.Module):
                                out_sharding=(None, None, "embed"), eager_sharding=False)
     self.pos_embed = nnx.Param(jnp.asarray(patches.sincos_2d(d, mc.grid))[None],
                                out_sharding=(None, None, "embed"), eager_sharding=False)
-    self.blocks = nnx.List([model_lib.Block(d, mc.num_heads, mc.mlp_ratio, dtype, rngs=rngs)
+    self.blocks = nnx.List([model_lib.Block(d, mc.num_heads, mc.mlp_ratio, dtype, "",
+                                            mc.attention, mc.remat, rngs=rngs)
                             for _ in range(mc.depth)])
     if cc.pool == "avg":
       self.fc_norm = model_lib.layer_norm(d, rngs)
@@ -93,15 +93,14 @@ class Classifier(nnx.Module):
 
   def features(self, images, *, train=False, key=None):
     """Pooled encoder features (B, D): fc_norm(mean of patch tokens) or norm(x)[:, 0]."""
+    mc = self.config
     x = self.patch_embed(images)  # (B, L, D)
     pos = self.pos_embed[...].astype(x.dtype)
     x = x + pos[:, 1:]
     cls = self.cls_token[...].astype(x.dtype) + pos[:, :1]
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
-    keys = (jax.random.split(key, len(self.blocks)) if train and key is not None
-            else [None] * len(self.blocks))
-    for block, rate, block_key in zip(self.blocks, self.drop_rates, keys):
-      x = block(x, rate if train else 0.0, block_key)
+    x = model_lib.run_blocks(self.blocks, x, mc.scan, self.drop_rates,
+                             key if train and any(self.drop_rates) else None)
     if self.classifier_config.pool == "avg":
       return self.fc_norm(x[:, 1:].mean(axis=1))
     return self.norm(x)[:, 0]

@@ -82,6 +82,7 @@ FIELDS = {
     "model.mask_tokens_in_encoder": BOOL,
     "model.attention": (f"one of {model_lib.ATTENTION}", model_lib.ATTENTION.__contains__),
     "model.remat": (f"one of {tuple(model_lib.REMAT)}", model_lib.REMAT.__contains__),
+    "model.scan": BOOL,
     "accum_steps": POSITIVE_INT, "model.dtype": (f"one of {DTYPES}", DTYPES.__contains__),
     "data.dataset": NAME, "data.num_train_examples": INT, "data.data_dir": STR,
     "data.manual_dir": STR, "data.folder": STR, "data.eval_folder": STR, "data.split": NAME,

@@ -92,7 +92,7 @@ def mfu(images_per_s, flops_per_image, num_chips, peak):
   return images_per_s * flops_per_image / (num_chips * peak)
 
 
-def _sig3(x):
+def sig3(x):
   """`x` with 3 significant digits and no exponent: 0.0123, 1.23, 123, 12345."""
   if x <= 0 or not math.isfinite(x):
     return f"{x:.3g}"
@@ -119,5 +119,5 @@ class Meter:
   @staticmethod
   def describe(speed):
     """'2.50 steps/s  80.0 img/s  MFU 41.3%' (MFU only where known)."""
-    text = f"{_sig3(speed['steps_per_s'])} steps/s  {_sig3(speed['img_per_s'])} img/s"
+    text = f"{sig3(speed['steps_per_s'])} steps/s  {sig3(speed['img_per_s'])} img/s"
     return text + (f"  MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else "")

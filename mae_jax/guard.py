@@ -42,23 +42,26 @@ class Guard:
                   self.skipped, self.streak)
     return self.streak > self.patience
 
-  def rollback_target(self, ckpt, step, hint):
-    """The good step to roll back to (and count the roll-back), else a FloatingPointError."""
-    good = [s for s in ckpt.good_steps() if s < step]
+  def rollback_target(self, good_steps, step, directory, hint):
+    """(good step, error): where to roll back to, and the error to stop with, if any.
+
+    Counts the roll-back when there is one. The error (a FloatingPointError, to raise once
+    the steps after the good one are set aside) comes when no checkpoint is good or after
+    `max_rollbacks`; the good step is then the one a rerun resumes from (or None).
+    """
+    good = [s for s in good_steps if s < step]
     what = (f"{self.streak} steps in a row up to step {step} had a non-finite loss or gradient "
             f"(config.nan_patience={self.patience})")
     if not good or self.rollbacks >= self.max_rollbacks:
-      if good:  # a rerun (lower lr, --allow_config_change) resumes from the good step
-        ckpt.set_aside_after(good[-1])
-      where = (f"the last good checkpoint is step {good[-1]} in {ckpt.directory} (newer, "
+      where = (f"the last good checkpoint is step {good[-1]} in {directory} (newer, "
                "suspect steps are in checkpoints_suspect/)" if good else
-               f"no checkpoint saved with a finite loss in {ckpt.directory} to roll back to")
+               f"no checkpoint saved with a finite loss in {directory} to roll back to")
       tried = (f" after {self.rollbacks} roll-back(s) (config.max_rollbacks="
                f"{self.max_rollbacks})" if good else "")
-      raise FloatingPointError(f"{what}{tried}; {where}; {hint}")
+      return (good[-1] if good else None), FloatingPointError(f"{what}{tried}; {where}; {hint}")
     self.rollbacks += 1
     self.streak = 0
     log.warning("%s: rolling back to checkpoint %d (the last saved with a finite loss), masks "
                 "re-seeded (roll-back %d of config.max_rollbacks=%d)", what, good[-1],
                 self.rollbacks, self.max_rollbacks)
-    return good[-1]
+    return good[-1], None

@@ -66,18 +66,18 @@ def restore_items(built, source, with_optimizer=True):
   """
   workdir, step = checkpointing.resolve_checkpoint(*source)
   step = checkpointing.latest_step(workdir) if step is None else step
+  state, data_position = restore_step(built, workdir, step, with_optimizer=with_optimizer)
+  return state, data_position, step
+
+
+def restore_step(built, workdir, step, with_optimizer=True):
+  """(state, this process's data position) from step `step` of `workdir`."""
   wanted = _wanted_items(built, workdir, step)
   if not with_optimizer:
     wanted.pop("opt_state", None)
-  restored, step = checkpointing.restore(workdir, step, **wanted)
+  restored, _ = checkpointing.restore(workdir, step, **wanted)
   state = _state_from(built, restored, step, workdir, say_fresh=with_optimizer)
-  return state, _data_position(restored["meta"]), step
-
-
-def restore_step(built, workdir, step):
-  """(state, this process's data position) from step `step` of this run's own `workdir`."""
-  restored, _ = checkpointing.restore(workdir, step, **_wanted_items(built, workdir, step))
-  return _state_from(built, restored, step, workdir), _data_position(restored["meta"])
+  return state, _data_position(restored["meta"])
 
 
 def from_weights(built, config, source, whole_classifier=False):

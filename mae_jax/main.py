@@ -63,8 +63,8 @@ def main(argv):
            jax.device_count(), jax.devices()[0].device_kind)
   log.info("config:\n%s", FLAGS.config)
   try:
-    config_check.check(FLAGS.config, restore=FLAGS.restore)  # before any compile or write
     if FLAGS.eval_only:
+      config_check.check(FLAGS.config, restore=FLAGS.restore)  # before any compile
       train.evaluate(FLAGS.config, FLAGS.restore)
       return
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_from=FLAGS.restore,

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import checkpointing, config_check, flops, initial_state, optim, sharding, summaries
+from mae_jax import checkpointing, config_check, flops, initial_state, intervals, optim, sharding
+from mae_jax import summaries
 from mae_jax import tasks
 from mae_jax import evaluators as evaluators_lib
 from mae_jax import guard as guard_lib
@@ -175,11 +176,6 @@ def build(config, mesh, total_steps, warmup_steps):
       init_static=init_static, init_opt=init_opt, init_model_state=init_model_state)
 
 
-def _format_eta(seconds):
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def check_workdir(workdir):
   """Create `workdir` and prove it is writable now, not after an hour of training."""
   if "://" in os.fspath(workdir):
@@ -275,7 +271,7 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
   Resuming with a config that defines another run (batch, seed, model, data, schedule) is an
   error unless `allow_config_change`.
   """
-  config_check.check(config)  # every field, before anything is written or compiled
+  config_check.check(config, restore=restore_from)  # every field, before any write or compile
   task = tasks.get(config)
   model_config = model_lib.model_config(config.model)
   log.info("data: %s", task.check(config))  # clear errors before any compile
@@ -336,8 +332,7 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
   evaluators = task.evaluators(config)
   stop_after = config.stop_after_steps if config.stop_after_steps > 0 else None
   guard = guard_lib.Guard(config, rollbacks=int(jax.device_get(static.attempt)))
-  pending, history = [], []
-  tick, tick_step = time.perf_counter(), start_step
+  history, interval = [], intervals.Interval(meter, start_step)
   step = start_step
   try:
     while step < total_steps:
@@ -345,51 +340,45 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
         batch = sharding.global_batch(next(batches), mesh)
       state, metrics = compiled(state, static, batch)
       batch = None
-      pending.append(metrics)
+      interval.add(metrics)
       step += 1
       stop = (ckpt.stop_requested(step, sync=step % config.log_every == 0)
               or (stop_after and step - start_step >= stop_after))
       if step % config.log_every == 0 or step == total_steps or stop:
-        # One host sync per log interval, not per step.
-        fetched = jax.device_get(pending)
-        flags = [bool(m["nonfinite"]) for m in fetched]
-        good = [m for m, bad in zip(fetched, flags) if not bad] or fetched
-        averaged = {k: float(np.mean([m[k] for m in good])) for k in good[0]}
-        averaged["nonfinite"] = float(sum(flags))
-        now = time.perf_counter()
-        speed = meter(step - tick_step, now - tick)
-        eta = (total_steps - step) / speed["steps_per_s"]
-        log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %s  eta %s",
-                 step, total_steps, averaged["loss"], averaged["lr"], averaged["grad_norm"],
-                 flops.Meter.describe(speed), _format_eta(eta))
-        writer.scalars(step, {**averaged, **speed})
+        averaged, speed, flags = interval.close(step, total_steps)
+        log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %s", step, total_steps,
+                 averaged["loss"], averaged["lr"], averaged["grad_norm"],
+                 intervals.Interval.describe(speed))
+        writer.scalars(step, {**averaged, **{k: v for k, v in speed.items() if k != "eta_s"}})
         writer.flush()
         history.append((step, averaged["loss"]))
-        pending, tick, tick_step = [], now, step
         if guard.count(flags, step):  # past nan_patience: back to the last good checkpoint
-          good_step = guard.rollback_target(ckpt, step, "lower config.base_lr or use float32")
-          moved = ckpt.set_aside_after(good_step)
+          good_step, give_up = guard.rollback_target(ckpt.good_steps(), step, ckpt.directory,
+                                                     "lower config.base_lr or use float32")
+          moved = ckpt.set_aside_after(good_step) if good_step is not None else []
           if moved:
             log.info("moved the suspect checkpoint(s) %s to %s", moved,
                      os.path.join(workdir, checkpointing.SUSPECT_DIR))
+          if give_up:  # a rerun (lower lr, --allow_config_change) resumes from the good step
+            raise give_up
           state, data_state = initial_state.restore_step(built, workdir, good_step)
           static = built.init_static(guard.rollbacks)
           batches.restore(data_state)
           step, history = good_step, [h for h in history if h[0] <= good_step]
-          tick, tick_step = time.perf_counter(), step
+          interval.restart(step)
           continue
       due = [ev for ev in evaluators if ev.every_steps > 0 and step % ev.every_steps == 0]
       if due and step < total_steps:
         started = time.perf_counter()
         _log_evals(run_evaluators(built, due, state, static, mesh), writer, step)
-        tick += time.perf_counter() - started  # img/s and MFU count training time only
+        interval.exclude(time.perf_counter() - started)  # speed counts training time only
       every = config.get("image_every", -1)
       if every > 0 and step % every == 0 and step < total_steps:
         task.periodic(config, _host_model(built, state, static), writer, step)
       if ckpt.should_save(step, total_steps) or stop:
         # Every process's own iterator position: shards may be uneven across processes.
         positions = sharding.allgather_json(batches.state())
-        flags = [bool(f) for f in jax.device_get([m["nonfinite"] for m in pending])]
+        flags = interval.pending_flags()
         ckpt.save(step, state, {"data": positions[0], "data_per_process": positions,
                                 "seed": config.seed, "rollbacks": guard.rollbacks,
                                 "good": guard.streak_after(flags) == 0})

@@ -381,8 +381,10 @@ def test_mock_data_drives_the_training_loop(tiny_config, imagenet, tmp_path):
   config = _config(tiny_config, imagenet)
   ip.tfds_builder(config.data, prepare=True)
   config.update(batch_size=8, total_steps=6, warmup_steps=2, log_every=3, num_preview_images=2)
-  # No probes: mock_data fakes the file system process-wide while a dataset opens, which hides
-  # the files of the async checkpoint save that the final probe pass would overlap.
+  # mock_data fakes the file system process-wide while a dataset opens (`as_dataset`, on the
+  # main thread here): a checkpoint written in the background at that moment would lose its
+  # files. Saves on the main thread, and no probes (their datasets would overlap the save).
+  config.checkpoint.async_save = False
   config.evals.fewshot.every_steps = config.evals.knn.every_steps = 0
   with tfds.testing.mock_data(num_examples=20, data_dir=imagenet[1],
                               policy=tfds.testing.MockPolicy.USE_FILES):

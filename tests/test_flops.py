@@ -138,7 +138,7 @@ def test_mfu_and_meter():
   assert speed == pytest.approx({"steps_per_s": 0.5, "img_per_s": 2048,
                                  "mfu": 2048 * 124.5e9 / (8 * 275e12)})
   assert flops.Meter.describe(speed) == "0.500 steps/s  2048 img/s  MFU 11.6%"
-  assert flops._sig3(1.234) == "1.23" and flops._sig3(0.01234) == "0.0123" and flops._sig3(123.4) == "123"
+  assert flops.sig3(1.234) == "1.23" and flops.sig3(0.01234) == "0.0123" and flops.sig3(123.4) == "123"
   cpu = flops.Meter(1e9, 8, jax.devices()[:1])(3, 1.5)
   assert cpu == {"steps_per_s": 2.0, "img_per_s": 16.0}
   assert flops.Meter.describe(cpu) == "2.00 steps/s  16.0 img/s"

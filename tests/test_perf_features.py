@@ -141,3 +141,64 @@ def test_accum_steps_refuses_a_batch_it_does_not_divide(tiny_config):
   tiny_config.accum_steps = 4
   with pytest.raises(ValueError, match="accum_steps=4 does not divide the global batch 6"):
     _sgd_step(tiny_config, batch)
+
+
+def _scan_cfg(tiny_config, **extra):
+  return {**tiny_config.model.to_dict(), "depth": 3, "decoder_depth": 2, **extra}
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scan_over_blocks_gives_the_loop_loss_and_grads(tiny_config, remat):
+  images, noise = _inputs(tiny_config.model)
+  want = _loss_and_grads(_scan_cfg(tiny_config, remat=remat), images, noise)
+  got = _loss_and_grads(_scan_cfg(tiny_config, remat=remat, scan=True), images, noise)
+  _assert_trees_close(got, want, atol=1e-6, rtol=1e-5)
+  # the scan is real: one `scan` of length depth (encoder), one of decoder_depth
+  model = model_lib.MAE(_scan_cfg(tiny_config, scan=True), rngs=nnx.Rngs(0))
+  jaxpr = jax.make_jaxpr(lambda x, n: model(x, noise=n)[0])(images, noise)
+  lengths = sorted(e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
+  assert lengths == [2, 3]
+
+
+def test_scan_keeps_the_parameter_tree_and_round_trips_through_the_official_pth(tiny_config,
+                                                                                tmp_path):
+  from mae_jax import weights  # pylint: disable=import-outside-toplevel
+  from mae_jax.weights import files  # pylint: disable=import-outside-toplevel
+  looped = model_lib.MAE(_scan_cfg(tiny_config), rngs=nnx.Rngs(3))
+  scanned = model_lib.MAE(_scan_cfg(tiny_config, scan=True), rngs=nnx.Rngs(3))
+  a, b = nnx.state(looped, nnx.Param), nnx.state(scanned, nnx.Param)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  _assert_trees_close(a, b, atol=0)  # same init, same tree: checkpoints are interchangeable
+  files.write_pth(weights.official_state_dict(scanned), str(tmp_path / "scan.pth"))
+  back = weights.load_pytorch(str(tmp_path / "scan.pth"), _scan_cfg(tiny_config, scan=True))
+  loop_back = weights.load_pytorch(str(tmp_path / "scan.pth"), _scan_cfg(tiny_config))
+  _assert_trees_close(nnx.state(back, nnx.Param), b, atol=0)
+  images, noise = _inputs(tiny_config.model, seed=4)
+  np.testing.assert_allclose(float(back(images, noise=noise)[0]),
+                             float(loop_back(images, noise=noise)[0]), rtol=1e-6)
+
+
+def test_scan_in_the_classifier_with_drop_path_equals_the_loop(tiny_config):
+  from mae_jax import classifier  # pylint: disable=import-outside-toplevel
+  images, _ = _inputs(tiny_config.model, batch=4)
+  key = jax.random.key(5)
+  heads = {"num_classes": 3, "drop_path": 0.5}
+
+  def features_and_grads(scan):
+    model = classifier.Classifier(_scan_cfg(tiny_config, scan=scan), heads, rngs=nnx.Rngs(1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(p):
+      feats = nnx.merge(graphdef, p, rest).features(images, train=True, key=key)
+      return jnp.sum(feats ** 2), feats
+
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+  (loss, feats), grads = features_and_grads(True)
+  (want_loss, want_feats), want_grads = features_and_grads(False)
+  np.testing.assert_allclose(feats, want_feats, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  _assert_trees_close(grads, want_grads, atol=1e-5, rtol=1e-4)
+  # drop path really acted: without it (eval mode) the features differ
+  model = classifier.Classifier(_scan_cfg(tiny_config, scan=True), heads, rngs=nnx.Rngs(1))
+  assert np.abs(np.asarray(model.features(images)) - np.asarray(feats)).max() > 1e-3

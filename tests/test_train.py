@@ -47,7 +47,11 @@ def test_loop_learns_checkpoints_and_writes_outputs(tmp_path, tiny_config):
   events = summaries.read_events(str(tmp_path / "tensorboard" / event_file))
   logged = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value}
   np.testing.assert_allclose([logged[(s, "loss")] for s in steps], losses, rtol=1e-6)
-  assert {(40, "lr"), (40, "img_per_s"), (40, "grad_norm")} <= set(logged)
+  assert {(40, "lr"), (40, "img_per_s"), (40, "grad_norm"), (40, "step_time_p50"),
+          (40, "step_time_p90"), (40, "step_time_max")} <= set(logged)
+  # 10 steps per interval: 10 step times (one step in flight; the first interval has 9)
+  assert 0 < logged[(40, "step_time_p50")] <= logged[(40, "step_time_p90")] <= (
+      logged[(40, "step_time_max")])
   assert any(v.tag == "reconstructions" and v.image.height > 0
              for e in events for v in e.summary.value)
 

@@ -108,9 +108,13 @@ class TfBatches:
   float32 normalised), `index` (B,) int32 global example ids (step * global batch +
   process offset + i), `label` (B,) int32. Epochs run into each other (nothing dropped);
   unreadable images are dropped and counted (`skipped`). Position = (epoch, records of the
-  epoch consumed): an epoch's order and augmentation are pure functions of (seed,
-  process, epoch), so `restore(state())` continues with the exact next batch. The next
-  epoch's pipeline fills in a background thread so an epoch boundary does not stall.
+  epoch this process consumed). With a `global_order` source (image folders) one epoch
+  order and its augmentation are pure functions of (seed, epoch), and each process takes
+  its slots of every global batch: the global batches do not depend on the process count
+  (while every image is readable), and a run resumes on another process count at the same
+  place. Otherwise (TFDS) each process reads its own share in an order keyed by (seed,
+  process, epoch). Either way `restore(state())` continues with the exact next batch. The
+  next epoch's pipeline fills in a background thread so an epoch boundary does not stall.
   """
 
   def __init__(self, source, config, *, process_index, process_count, start_step=0):
@@ -128,9 +132,23 @@ class TfBatches:
     self.parallel = data.num_parallel_calls
     self._warm = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next_epoch")
     self._log_skips_at = 1
-    # Without a saved state, assume no unreadable records: step -> (epoch, position).
-    epoch, position = divmod(start_step * self.batch_size, source.num_examples)
-    self.restore({"step": start_step, "epoch": epoch, "position": position, "skipped": 0})
+    self.restore(self._position_of(start_step))
+
+  def _position_of(self, step):
+    """The state at `step`, assuming no unreadable records so far."""
+    if not self.source.global_order:
+      epoch, position = divmod(step * self.batch_size, self.source.num_examples)
+    else:  # this process's first example of `step`, and its rank among the epoch's kept ones
+      epoch, slot = divmod(step * self.global_batch + self.process_index * self.batch_size,
+                           self.source.total_examples)
+      position = int(np.searchsorted(self._kept(epoch), slot))
+    return {"step": step, "epoch": epoch, "position": position, "skipped": 0}
+
+  def _kept(self, epoch):
+    """Positions in epoch `epoch`'s global order that fall in this process's batch slots."""
+    total = self.source.total_examples
+    slots = (epoch * total + np.arange(total)) % self.global_batch
+    return np.flatnonzero(slots // self.batch_size == self.process_index)
 
   def __iter__(self):
     return self
@@ -143,9 +161,15 @@ class TfBatches:
   def restore(self, state):
     """Continue from `state()`: the pipeline restarts at that exact record."""
     if state.get("process_count", self.process_count) != self.process_count:
-      log.warning("data state saved with %s processes, restored with %d: each process now "
-                  "reads another part of the data, not the saved order",
-                  state["process_count"], self.process_count)
+      if self.source.global_order:
+        log.warning("data state saved with %s processes, restored with %d: continuing the "
+                    "global order at step %s (exact unless images were skipped)",
+                    state["process_count"], self.process_count, state["step"])
+        state = self._position_of(int(state["step"]))
+      else:
+        log.warning("data state saved with %s processes, restored with %d: each process now "
+                    "reads another part of the data, not the saved order",
+                    state["process_count"], self.process_count)
     self.step, self.epoch = int(state["step"]), int(state["epoch"])
     self.position, self.skipped = int(state["position"]), int(state["skipped"])
     self._current = self._open(self.epoch, self.position)
@@ -155,17 +179,23 @@ class TfBatches:
   def dataset(self, epoch, position=0):
     """Epoch `epoch` from record `position` on, in chunks of up to B: image, label, pos."""
     tf, _ = tf_modules()
-    epoch_seed = _epoch_seed(self.seed, self.process_index, epoch)
     parallel = tf.data.AUTOTUNE if self.parallel < 0 else self.parallel
+    if self.source.global_order:  # augmentation keyed by the position in the global order
+      epoch_seed = _epoch_seed(self.seed, 0, epoch)
+      kept = self._kept(epoch)
+      records = self.source.records_at(self.source.epoch_order(epoch_seed)[kept])
+      keys = tf.data.Dataset.from_tensor_slices(kept.astype(np.int64))
+    else:
+      epoch_seed = _epoch_seed(self.seed, self.process_index, epoch)
+      records, keys = self.source.records(epoch_seed), tf.data.Dataset.counter()
 
-    def load(pos, record):
-      payload, label = record
-      seed = tf.stack([tf.constant(epoch_seed, tf.int64), pos])
+    def load(numbered, key):
+      pos, (payload, label) = numbered
+      seed = tf.stack([tf.constant(epoch_seed, tf.int64), key])
       return {"image": self.transform(self.source.load(payload), seed),
               "label": tf.cast(label, tf.int32), "pos": pos}
 
-    records = self.source.records(epoch_seed)
-    ds = records.enumerate().skip(position)
+    ds = tf.data.Dataset.zip(records.enumerate(), keys).skip(position)
     ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
     ds = ds.ignore_errors()  # corrupt / truncated / not an image: dropped, counted by `pos` gaps
     ds = ds.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,8 +1,12 @@
-"""Where examples come from: prepared TFDS datasets and image folders, one share per process.
+"""Where examples come from: prepared TFDS datasets and image folders.
 
-Each process reads its own contiguous part of the split (`tfds.even_splits`), so
-processes read disjoint examples that together cover the split. `check_data` validates
-`config.data` before anything is compiled.
+An image folder serves any positions of one global epoch order (`global_order`): each
+process takes its slots of the global batches, so what a global batch holds does not
+depend on the process count. A TFDS split is read sequentially: each process reads its
+own contiguous part (`tfds.even_splits`) in its own order, so processes read disjoint
+examples that together cover the split, but the order depends on the process count.
+Evaluation reads contiguous parts of both. `check_data` validates `config.data` before
+anything is compiled.
 """
 
 import logging
@@ -62,16 +66,20 @@ def list_image_folder(root):
 
 
 class FolderSource:
-  """This process's share of an image folder; each epoch a full permutation of it.
+  """An image folder: this process's contiguous share, and any slice of a global order.
 
   `files` = (paths, labels, classes) replaces the listing of `root`: a fixed subset of it
   in a fixed order (the probe sets of `mae_jax.evaluators`). `start` is the position of
-  this process's first example in the whole listing.
+  this process's first example in the whole listing. `epoch_order` / `records_at` serve
+  the training iterator's global order (each process reads only its own examples).
   """
+
+  global_order = True
 
   def __init__(self, root, process_index, process_count, files=None):
     self.root = root
     paths, labels, self.classes = files or list_image_folder(root)
+    self.all_paths, self.all_labels = np.array(paths), np.array(labels, np.int64)
     start, end = process_range(len(paths), process_index, process_count)
     self.paths, self.labels = np.array(paths[start:end]), np.array(labels[start:end], np.int64)
     self.num_examples = end - start
@@ -85,6 +93,15 @@ class FolderSource:
              else np.arange(self.num_examples))
     return tf.data.Dataset.from_tensor_slices((self.paths[order], self.labels[order]))
 
+  def epoch_order(self, epoch_seed):
+    """One epoch's permutation of the whole listing (the same on every process)."""
+    return np.random.default_rng(epoch_seed).permutation(self.total_examples)
+
+  def records_at(self, ids):
+    """(path, label) dataset of the listing's examples `ids`, in that order."""
+    tf, _ = tf_modules()
+    return tf.data.Dataset.from_tensor_slices((self.all_paths[ids], self.all_labels[ids]))
+
   def load(self, payload):
     return tf_modules()[0].io.read_file(payload)
 
@@ -94,6 +111,8 @@ class FolderSource:
 
 class TfdsSource:
   """This process's share (`tfds.even_splits`) of a prepared TFDS split, images left encoded."""
+
+  global_order = False  # read sequentially (files + shuffle buffer), no random access
 
   def __init__(self, data, split, process_index, process_count, *, prepare=True):
     _, tfds = tf_modules()
