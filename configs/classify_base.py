@@ -22,6 +22,8 @@ FINETUNE = {"tiny": (100, 5e-4, 0.65, 0.1), "vit_b": (100, 5e-4, 0.65, 0.1),
 def _classify_config(size):
   config = base.sized_config(size)
   config.task = "classify"
+  if size != "tiny":
+    config.model.dtype = "auto"  # bfloat16 on GPU / TPU, float32 on CPU
   config.init_from = ""   # pre-trained weights: our workdir / step dir, official .pth, HF file
   config.eval_every = 5000  # steps between evaluations (and at the end); -1: only at the end
   config.evals = ml_collections.ConfigDict()  # the probes are pre-training's (configs/base.py)

@@ -4,4 +4,6 @@ from configs import base
 
 
 def get_config(arg=None):
-  return base.sized_config("vit_l", arg)
+  config = base.sized_config("vit_l")
+  config.model.dtype = "auto"  # bfloat16 on GPU / TPU, float32 on CPU
+  return base.apply_args(config, arg)

@@ -19,7 +19,7 @@ import traceback
 from mae_jax import classifier, errors, evaluators, sharding, tasks
 from mae_jax import model as model_lib
 
-DTYPES = ("float32", "bfloat16", "float16")  # model compute dtypes; parameters stay float32
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # compute dtypes; parameters stay float32
 WEIGHTS = "an mae_jax workdir / step directory, an official .pth or an HF weights file"
 
 

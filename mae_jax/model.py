@@ -73,6 +73,11 @@ def config_values(cfg, cls, section):
   return values
 
 
+def default_dtype():
+  """The compute dtype `dtype="auto"` stands for: bfloat16 on accelerators, float32 on CPU."""
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def model_config(cfg) -> ModelConfig:
   """Validated ModelConfig from a ConfigDict / dict / ModelConfig; errors name the field."""
   if isinstance(cfg, ModelConfig):
@@ -82,6 +87,8 @@ def model_config(cfg) -> ModelConfig:
     if isinstance(values.get("img_size"), (list, tuple)):
       values["img_size"] = tuple(values["img_size"])
     mc = ModelConfig(**values)
+  if mc.dtype == "auto":
+    mc = dataclasses.replace(mc, dtype=default_dtype())
   if not 0.0 < mc.mask_ratio < 1.0:
     raise ValueError(f"config.model.mask_ratio must be in (0, 1), got {mc.mask_ratio}")
   mc.grid  # raises if img_size is not divisible by patch_size

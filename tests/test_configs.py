@@ -76,3 +76,17 @@ def test_string_args_override():
 def test_bad_string_args(arg, error, message):
   with pytest.raises(error, match=message):
     base.sized_config("vit_b", arg)
+
+
+@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "finetune_vit_l", "linprobe_vit_h"])
+def test_accelerator_configs_compute_in_bf16_on_accelerators_only(name, monkeypatch):
+  config = _load(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert config.model.dtype == "auto"
+  assert model_lib.model_config(config.model).dtype == "float32"  # this CPU
+  for backend, want in (("gpu", "bfloat16"), ("tpu", "bfloat16"), ("cpu", "float32")):
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda b=backend: b)
+    assert model_lib.model_config(config.model).dtype == want, backend
+  # an explicit dtype wins, and the small configs stay float32
+  config.model.dtype = "float16"
+  assert model_lib.model_config(config.model).dtype == "float16"
+  assert _load(os.path.join(ROOT, "configs", "tiny.py")).model.dtype == "float32"
