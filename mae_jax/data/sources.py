@@ -81,17 +81,16 @@ class FolderSource:
     paths, labels, self.classes = files or list_image_folder(root)
     self.all_paths, self.all_labels = np.array(paths), np.array(labels, np.int64)
     start, end = process_range(len(paths), process_index, process_count)
-    self.paths, self.labels = np.array(paths[start:end]), np.array(labels[start:end], np.int64)
     self.num_examples = end - start
     self.total_examples = len(paths)
     self.start = start
 
   def records(self, epoch_seed, shuffle=True):
-    """(path, label) dataset in epoch order; `load` turns a path into encoded bytes."""
-    tf, _ = tf_modules()
+    """This process's share as a (path, label) dataset, shuffled by `epoch_seed` or in order;
+    `load` turns a path into encoded bytes. (Training reads `records_at` of the global order.)"""
     order = (np.random.default_rng(epoch_seed).permutation(self.num_examples) if shuffle
              else np.arange(self.num_examples))
-    return tf.data.Dataset.from_tensor_slices((self.paths[order], self.labels[order]))
+    return self.records_at(self.start + order)
 
   def epoch_order(self, epoch_seed):
     """One epoch's permutation of the whole listing (the same on every process)."""
