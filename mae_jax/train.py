@@ -314,12 +314,12 @@ def train_and_evaluate(config, workdir, restore_from=None, allow_config_change=F
                      f"config.model expects {model_config.image_shape}")
   sizes = [x.size for x in jax.tree.leaves(built.abstract_state.params)]
   frozen = jax.tree.leaves(built.frozen) if built.frozen is not None else [False] * len(sizes)
-  log.info("%s: mesh %s on %d devices, %d process(es); %.2fM parameters (%.2fM trainable), "
-           "%s compute; steps %d..%d (%d warm-up), global batch %d, peak lr %.3g", task.name,
+  log.info("%s: mesh %s on %d devices, %d process(es); %.2fM parameters (%.2fM trainable); "
+           "steps %d..%d (%d warm-up), global batch %d, peak lr %.3g, %s compute", task.name,
            dict(mesh.shape), mesh.size, jax.process_count(), sum(sizes) / 1e6,
-           sum(n for n, f in zip(sizes, frozen) if not f) / 1e6, model_config.dtype, start_step,
-           total_steps, warmup_steps, config.batch_size,
-           optim.scaled_lr(config.base_lr, config.batch_size))
+           sum(n for n, f in zip(sizes, frozen) if not f) / 1e6, start_step, total_steps,
+           warmup_steps, config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size),
+           model_config.dtype)
 
   start = time.perf_counter()
   compiled = built.step_fn.lower(state, static, batch).compile()

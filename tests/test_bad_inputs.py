@@ -60,7 +60,7 @@ def _error(argv, restore=None):
     ((TINY, "--config.weight_decay=-0.1"), "config.weight_decay must be a number >= 0, got -0.1"),
     ((TINY, "--config.b2=1"), r"config.b2 must be a number in \[0, 1\), got 1.0"),
     ((TINY, "--config.model.dtype=bf16"),
-     r"config.model.dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'bf16'"),
+     r"config.model.dtype must be one of \('float32', 'bfloat16', 'float16', 'auto'\), got 'bf16'"),
     ((TINY, "--config.model.dtype=float64"), "config.model.dtype must be one of .* got 'float64'"),
     ((TINY, "--config.model.depth=0"), "config.model.depth must be a positive int, got 0"),
     ((TINY, "--config.model.mask_ratio=1.5"), r"mask_ratio must be in \(0, 1\), got 1.5"),
@@ -198,7 +198,7 @@ def _snapshot(root):
     ((TINY, "--config.log_every=0", "--workdir={run}"),
      "config.log_every must be a positive int, got 0"),
     ((TINY, "--config.model.dtype=bf16", "--eval_only", "--restore={run}", "--workdir={run}"),
-     r"config.model.dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'bf16'"),
+     r"config.model.dtype must be one of \('float32', 'bfloat16', 'float16', 'auto'\), got 'bf16'"),
 ])
 def test_cli_bad_input_one_error_line_exit_2_workdir_untouched(tmp_path, args, message):
   empty, run = tmp_path / "empty", tmp_path / "run"
