@@ -119,17 +119,24 @@ def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batc
     hit = jnp.isin(state.step, jnp.asarray(poison, jnp.int32)) & (static.attempt == 0)
     grads = jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   # NaN / Inf guard: a non-finite loss or gradient leaves params, optimizer and BatchNorm
   # statistics as they were (the data still advances), so no checkpoint is ever non-finite.
+  # A `lax.cond`, not a per-leaf `where(finite, new, old)`: the where keeps old and new
+  # state alive together, so XLA copies every donated buffer (ViT-B on CPU: 500 ms vs 120 ms
+  # for the optimizer; benchmarks/RESULTS.md).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  def apply(old):
+    params, opt_state, _ = old
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, model_state
+
+  params, opt_state, model_state = jax.lax.cond(
+      finite, apply, lambda old: old, (state.params, state.opt_state, state.model_state))
   metrics = {**metrics, "loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
-  return state_lib.TrainState(step=state.step + 1, params=keep(params, state.params),
-                    opt_state=keep(opt_state, state.opt_state),
-                    model_state=keep(model_state, state.model_state)), metrics
+  return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state), metrics
 
 
 def eval_step(task, graphdef, state, static, batch):
