@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from mae_jax import flops, sharding, train
+from mae_jax import flops, preload, sharding, train
 
 
 def _timed(fn, sync):
@@ -192,7 +192,7 @@ def main():
         f"{jax.devices()[0].device_kind}; jax {jax.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); {args.size} batch {args.batch} mask "
         f"{args.mask_ratio} {dtype}; our compile s {compile_s}; "
-        f"{flops_per_image / 1e9:.1f} GFLOP/img")
+        f"{flops_per_image / 1e9:.1f} GFLOP/img; {preload.allocator()}")
   print("| framework | s/step (median) | min | img/s | matmul peak GFLOP/s | efficiency | "
         "vs HF |")
   print("|---|---|---|---|---|---|---|")
@@ -207,4 +207,5 @@ def main():
 
 
 if __name__ == "__main__":
+  preload.reexec_with_tcmalloc()  # as `python -m mae_jax.main` runs (MAE_JAX_TCMALLOC=0: glibc)
   main()

@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.train_step import measure
 from configs import base
-from mae_jax import flops
+from mae_jax import flops, preload
 
 BASELINE = "model.mask_tokens_in_encoder=True,model.decoder_depth=8"
 ROWS = (("w/ [M], dec 8", BASELINE), ("dec 8", "model.decoder_depth=8"),
@@ -73,4 +73,5 @@ def main():
 
 
 if __name__ == "__main__":
+  preload.reexec_with_tcmalloc()  # as `python -m mae_jax.main` runs (MAE_JAX_TCMALLOC=0: glibc)
   main()

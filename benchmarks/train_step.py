@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from configs import base
-from mae_jax import flops, sharding, train
+from mae_jax import flops, preload, sharding, train
 
 
 def measure(size, batch, steps, dtype, mesh_shape=(-1, 1, 1), overrides="", compile_only=False):
@@ -81,7 +81,7 @@ def main():
   rows = [measure(args.size, args.batch, args.steps, args.dtype, mesh, v, args.compile_only)
           for v in (args.variants.split(";") if args.variants else [""])]
   print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} jax {jax.__version__} "
-        f"{jax.devices()[0].device_kind} x{jax.device_count()}")
+        f"{jax.devices()[0].device_kind} x{jax.device_count()}; {preload.allocator()}")
   print("| size | batch | dtype | config | mesh | compile s | XLA temp MiB | s/step | img/s | "
         "model TFLOP/s | MFU | loss |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -94,4 +94,5 @@ def main():
 
 
 if __name__ == "__main__":
+  preload.reexec_with_tcmalloc()  # as `python -m mae_jax.main` runs (MAE_JAX_TCMALLOC=0: glibc)
   main()

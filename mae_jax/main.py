@@ -9,7 +9,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from mae_jax import cli
+from mae_jax import cli, preload
 from mae_jax.cli import setup_logging
 
 FLAGS = flags.FLAGS
@@ -61,6 +61,7 @@ def main(argv):
   log.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count(), jax.devices()[0].device_kind)
+  log.info("%s", preload.allocator())
   log.info("config:\n%s", FLAGS.config)
   try:
     if FLAGS.eval_only:
@@ -84,4 +85,5 @@ def run():
 
 
 if __name__ == "__main__":
+  preload.reexec_with_tcmalloc()  # same command, same pid, tcmalloc where installed
   run()
