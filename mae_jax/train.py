@@ -121,9 +121,8 @@ def train_step(task, config, graphdef, tx, schedule, frozen, state, static, batc
   grad_norm = optax.global_norm(grads)
   # NaN / Inf guard: a non-finite loss or gradient leaves params, optimizer and BatchNorm
   # statistics as they were (the data still advances), so no checkpoint is ever non-finite.
-  # A `lax.cond`, not a per-leaf `where(finite, new, old)`: the where keeps old and new
-  # state alive together, so XLA copies every donated buffer (ViT-B on CPU: 500 ms vs 120 ms
-  # for the optimizer; benchmarks/RESULTS.md).
+  # A cond, not a per-leaf where: that kept old and new state alive, so XLA copied every
+  # donated buffer (ViT-B CPU optimizer 504 vs 120 ms; benchmarks/RESULTS.md).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply(old):
