@@ -46,7 +46,7 @@ def allocator():
   return "malloc: the platform's"
 
 
-def reexec_with_tcmalloc(environ=os.environ, execv=os.execv):
+def reexec_with_tcmalloc(environ=os.environ, execve=os.execve):
   """Replace this process by the same command under tcmalloc, where that applies (see above)."""
   if (environ.get("LD_PRELOAD") or environ.get(ENV) == "0"
       or not sys.platform.startswith("linux")):
@@ -60,4 +60,4 @@ def reexec_with_tcmalloc(environ=os.environ, execv=os.execv):
   argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
   sys.stdout.flush()
   sys.stderr.flush()
-  execv(sys.executable, argv)
+  execve(sys.executable, argv, environ)

@@ -48,5 +48,5 @@ def test_env_var_zero_keeps_the_platform_allocator():
 def test_an_existing_preload_is_left_alone():
   calls = []
   preload.reexec_with_tcmalloc(environ={"LD_PRELOAD": "libjemalloc.so.2"},
-                               execv=lambda *a: calls.append(a))
+                               execve=lambda *a: calls.append(a))
   assert not calls
