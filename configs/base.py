@@ -59,12 +59,16 @@ def sized_config(size, arg=None):
   # Data. The bundled photos need no download; ImageNet: dataset="imagenet2012" with a
   # prepared data_dir (see README "Data"). Augmentation = the paper's recipe by default.
   config.data = ml_collections.ConfigDict(dict(
-      dataset="bundled_photos",  # bundled_photos | image_folder | a TFDS name (imagenet2012, ...)
+      dataset="bundled_photos",  # bundled_photos | image_folder | arrays | a TFDS name (imagenet2012, ...)
       num_train_examples=-1,    # one epoch for the schedule; -1: the size of `split`
       data_dir="",              # TFDS data_dir, local or gs:// ("" = TFDS default)
       manual_dir="",            # ILSVRC2012_img_{train,val}.tar: prepares imagenet2012 if needed
       folder="",                # image_folder root: folder/<class>/<image>
       eval_folder="",           # image_folder of evaluation / probe images ("" = none)
+      arrays="",                # arrays: uint8 images in host memory (.npy, .npz, IDX [.gz])
+      labels="",                # arrays: their labels ("" = the .npz's, the IDX sibling's, none)
+      eval_arrays="",           # arrays: evaluation / probe images ("" = none)
+      eval_labels="",           # arrays: their labels (as `labels`)
       split="train",            # pre-training split (TFDS sub-split syntax allowed)
       eval_split="validation",
       crop="random_resized",    # random_resized | fixed_size | center (Table 1e ablations)

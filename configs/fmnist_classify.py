@@ -6,10 +6,11 @@ r"""Fashion-MNIST classification with the encoder of configs/fmnist_pretrain.py.
   ...:mode=scratch                           # the fine-tuning recipe from random init
   ...:mode=finetune,folder=/tmp/fmnist/train_1pct,total_steps=300  # 1% of the labels
 
-`mode` (first, or anywhere in the string): linprobe | finetune | scratch. `folder=` /
-`eval_folder=` are short for data.folder / data.eval_folder (defaults /tmp/fmnist/train and
-/tmp/fmnist/test, as benchmarks/fashion_mnist.sh writes them); other fields as in
-configs/classify_base.py. Departures from the ImageNet recipes, for 28 px grey images and
+`mode` (first, or anywhere in the string): linprobe | finetune | scratch. By default the
+train and t10k idx files of Debian's dataset-fashion-mnist are read into host memory
+(`data.dataset="arrays"`); `folder=` / `eval_folder=` (short for data.folder /
+data.eval_folder) switch to image folders (defaults /tmp/fmnist/train and /tmp/fmnist/test,
+as benchmarks/fashion_mnist.sh writes them); other fields as in configs/classify_base.py. Departures from the ImageNet recipes, for 28 px grey images and
 budgets of a few epochs on 2 CPU cores:
 - batch 256; crops random_resized with scale (0.35, 1) (timm's 0.08 leaves a few pixels).
 - fine-tune: AdamW lr 1e-3, layer decay 0.75, drop path 0.1, label smoothing 0.1; mixup,
@@ -63,7 +64,9 @@ def get_config(arg=None):
   config.mode = mode
   config.model.update(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
                       **fmnist_pretrain.ENCODER)
-  config.data.update(dataset="image_folder", folder=fmnist_pretrain.DEFAULT_FOLDER,
+  config.data.update(dataset="arrays", arrays=fmnist_pretrain.idx_file("train", "images"),
+                     eval_arrays=fmnist_pretrain.idx_file("t10k", "images"),
+                     folder=fmnist_pretrain.DEFAULT_FOLDER,
                      eval_folder=DEFAULT_EVAL_FOLDER, crop="random_resized",
                      crop_scale=(0.35, 1.0), hflip=True, ship_uint8=True)
   config.batch_size = 256

@@ -1,20 +1,32 @@
 r"""MAE pre-training on Fashion-MNIST's 60k training images, labels unused (fashion_mnist.sh).
 
-  python -m mae_jax.data.idx --images=.../train-images-idx3-ubyte.gz \
-      --labels=.../train-labels-idx1-ubyte.gz --out=/tmp/fmnist/train
-  python -m mae_jax.main \
-      --config=configs/fmnist_pretrain.py:folder=/tmp/fmnist/train,total_steps=2000 \
+  apt-get install dataset-fashion-mnist    # Debian: the idx files in FASHION below
+  python -m mae_jax.main --config=configs/fmnist_pretrain.py:total_steps=2000 \
       --workdir=/tmp/fmnist/runs/mae
 
-28 px grey images (decoded to 3 equal channels) in 4 px patches: a 7x7 grid, 12 visible
-patches at mask ratio 0.75. A small ViT (128 wide, 4 deep, 4 heads) and a 64 x 2 decoder,
-sized to pre-train in ~15 minutes on 2 shared CPU cores. `folder=` and `eval_folder=` are
-short for `data.folder=` / `data.eval_folder=`; any other field works as in configs/base.py.
+By default the images come straight from the idx files into host memory
+(`data.dataset="arrays"`, no PNG round trip; the t10k images for the probes' eval sets).
+`folder=/tmp/fmnist/train` (an image folder written by `python -m mae_jax.data.idx`) reads
+PNG files instead; `folder=` and `eval_folder=` are short for `data.folder=` /
+`data.eval_folder=` and switch to `data.dataset="image_folder"`.
+
+28 px grey images (as 3 equal channels) in 4 px patches: a 7x7 grid, 12 visible patches at
+mask ratio 0.75. A small ViT (128 wide, 4 deep, 4 heads) and a 64 x 2 decoder, sized to
+pre-train in ~15 minutes on 2 shared CPU cores. Any other field works as in configs/base.py.
 """
+
+import os
+
 
 from configs import base
 
 DEFAULT_FOLDER = "/tmp/fmnist/train"
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def idx_file(split, what):
+  """Debian's dataset-fashion-mnist file of `split` (train | t10k), `what` (images | labels)."""
+  return os.path.join(FASHION, f"{split}-{what}-idx{3 if what == 'images' else 1}-ubyte.gz")
 
 # The encoder shared with configs/fmnist_classify.py (its weights load there).
 ENCODER = dict(img_size=28, in_chans=3, patch_size=4, embed_dim=128, depth=4, num_heads=4,
@@ -22,21 +34,25 @@ ENCODER = dict(img_size=28, in_chans=3, patch_size=4, embed_dim=128, depth=4, nu
 
 
 def short_args(arg):
-  """`folder=` / `eval_folder=` (no `data.` prefix) rewritten for base.apply_args."""
+  """`folder=` / `eval_folder=` (no `data.` prefix) rewritten for base.apply_args; either
+  one switches to the image folder source."""
   if not arg:
     return arg
-  items = []
+  items, folder = [], False
   for item in arg.split(","):
     key = item.split("=", 1)[0].strip()
+    folder = folder or key in ("folder", "eval_folder")
     items.append(f"data.{item.strip()}" if key in ("folder", "eval_folder") else item)
-  return ",".join(items)
+  return ",".join((["data.dataset=image_folder"] if folder else []) + items)
 
 
 def get_config(arg=None):
   config = base.sized_config("tiny")
   config.model.update(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
                       norm_pix_loss=True, mask_ratio=0.75, **ENCODER)
-  config.data.update(dataset="image_folder", folder=DEFAULT_FOLDER, num_train_examples=60_000,
+  config.data.update(dataset="arrays", arrays=idx_file("train", "images"),
+                     eval_arrays=idx_file("t10k", "images"), folder=DEFAULT_FOLDER,
+                     num_train_examples=60_000,
                      crop="random_resized", crop_scale=(0.2, 1.0), hflip=True, ship_uint8=True)
   config.batch_size = 256
   config.total_steps = 2000          # ~8.5 epochs of 60k; the script sets it from a timing
@@ -47,8 +63,8 @@ def get_config(arg=None):
   config.image_every = -1
   config.num_preview_images = 6
   config.checkpoint.update(every_steps=500, keep=1)
-  # Probes (10 classes): 2,000 train images (>= 150 per class), 1,000 held out of the train
-  # folder (or of data.eval_folder when set), every 200 steps: ~4% of training time on CPU.
+  # Probes (10 classes): 2,000 train images (>= 150 per class), 1,000 of the test images (or,
+  # for a folder, held out of it unless data.eval_folder is set), every 200 steps.
   for probe in config.evals.values():
     probe.update(every_steps=200, train_examples=2000, eval_examples=1000)
   return base.apply_args(config, short_args(arg))

@@ -195,6 +195,8 @@ def _snapshot(root):
     ((TINY, "--config.batch_size=0"), "config.batch_size must be a positive int, got 0"),
     ((TINY, "--config.data.dataset=image_folder", "--config.data.folder={empty}"),
      r"config.data.folder=\S+empty holds no images \(0 class folders found\)"),
+    ((TINY, "--config.data.dataset=arrays", "--config.data.arrays={empty}/images.npy"),
+     r"config.data.arrays=\S+images.npy does not exist; expected uint8 images"),
     ((TINY, "--config.log_every=0", "--workdir={run}"),
      "config.log_every must be a positive int, got 0"),
     ((TINY, "--config.model.dtype=bf16", "--eval_only", "--restore={run}", "--workdir={run}"),

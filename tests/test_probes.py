@@ -395,6 +395,11 @@ def test_pretraining_logs_probes_in_the_log_and_tensorboard(probed_run):
     assert logged[(step, "eval_seconds")] > 0
 
 
+def test_the_folder_is_listed_once_per_process(probed_run, folder):
+  """Training, the epoch length, the checks and both probes' sets share one listing."""
+  assert mae_data.sources.LISTINGS[folder] == 1
+
+
 def _evaluate_cli(*args):
   return subprocess.run([sys.executable, "-m", "mae_jax.evaluate", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from mae_jax.data import sources
+from mae_jax.data import array_batches, arrays, order, sources
 from mae_jax.data.crops import CROPS, fixed_size_crop_box, random_resized_crop_box
 from mae_jax.data.photos import BUNDLED, bundled_photos
 from mae_jax.data.tf_setup import tf_modules
@@ -26,22 +26,7 @@ AUGMENT_FIELDS = ("rand_augment_ops", "rand_augment_magnitude", "rand_augment_st
                   "random_erasing")
 
 
-def _local_batch(batch_size, process_count):
-  if batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} (global) is not divisible by the "
-                     f"{process_count} processes")
-  return batch_size // process_count
-
-
-def _int32_ids(ids):
-  return (np.asarray(ids, np.int64) % np.iinfo(np.int32).max).astype(np.int32)
-
-
-
-def _epoch_seed(seed, process_index, epoch):
-  """A 31-bit seed for one process's epoch (file order, shuffle buffer, augmentation)."""
-  return int(np.random.SeedSequence([seed, process_index, epoch]).generate_state(1)[0] >> 1)
-
+_local_batch, _int32_ids, _epoch_seed = order.local_batch, order.int32_ids, order.epoch_seed
 
 
 class PhotoBatches:
@@ -283,6 +268,12 @@ def create_pretrain_iterator(config, *, start_step=0, process_index=None, proces
                         scale=data.crop_scale, ratio=data.crop_ratio, hflip=data.hflip,
                         crop=data.crop, ship_uint8=data.ship_uint8, start_step=start_step,
                         process_index=process_index, process_count=process_count)
+  if data.dataset == arrays.ARRAYS:
+    source = arrays.train_arrays(data)
+    log.info("data: %s in host memory, process %d/%d", source.description, process_index,
+             process_count)
+    return array_batches.ArrayBatches(source, config, process_index=process_index,
+                                      process_count=process_count, start_step=start_step)
   source = sources.make_source(config, data.split, process_index, process_count)
   log.info("data: %s split %r, %d of %d examples on process %d/%d", data.dataset, data.split,
            source.num_examples, source.total_examples, process_index, process_count)
@@ -290,7 +281,7 @@ def create_pretrain_iterator(config, *, start_step=0, process_index=None, proces
                    start_step=start_step)
 
 
-def create_eval_iterator(config, *, split=None, files=None, process_index=None,
+def create_eval_iterator(config, *, split=None, files=None, subset=None, process_index=None,
                          process_count=None):
   """One pass over this process's share of `split` (default `data.eval_split`) in order.
 
@@ -298,13 +289,19 @@ def create_eval_iterator(config, *, split=None, files=None, process_index=None,
   hold `images`, `label`, `valid` (False on padding) and `index` (the example's position in
   the whole split, -1 on padding); every process yields the same number of batches, the
   last ones padded. `files` = (paths, labels, classes) reads those image files instead
-  (a fixed subset of an image folder).
+  (a fixed subset of an image folder). Arrays (`data.dataset="arrays"`): `data.eval_arrays`,
+  or `subset` = ("train" | "eval", example ids) of the training / evaluation arrays.
   """
-  tf, _ = tf_modules()
   process_index, process_count = _defaults(process_index, process_count)
   data = config.data
   if data.dataset == BUNDLED:
     raise ValueError(f"config.data.dataset={BUNDLED!r} has no evaluation split")
+  if data.dataset == arrays.ARRAYS:
+    which, ids = subset or ("eval", None)
+    source = arrays.train_arrays(data) if which == "train" else arrays.eval_arrays(data)
+    return array_batches.eval_batches(source, config, subset=ids, process_index=process_index,
+                                      process_count=process_count)
+  tf, _ = tf_modules()
   batch = _local_batch(config.batch_size, process_count)
   if files is not None:
     source = sources.FolderSource(data.folder, process_index, process_count, files=files)

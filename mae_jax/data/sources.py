@@ -9,11 +9,15 @@ Evaluation reads contiguous parts of both. `check_data` validates `config.data` 
 anything is compiled.
 """
 
+import collections
+import functools
 import logging
 import os
 
 import numpy as np
 
+from mae_jax.data import arrays, order
+from mae_jax.data.array_batches import check_augment
 from mae_jax.data.crops import CROPS
 from mae_jax.data.photos import BUNDLED, bundled_photos
 from mae_jax.data.tf_setup import tf_modules
@@ -41,9 +45,17 @@ def process_range(count, process_index, process_count):
 
 
 
+# Real listings made per folder root in this process (a listing is cached for the run).
+LISTINGS = collections.Counter()
+
+
+@functools.cache
 def list_image_folder(root):
-  """(paths, labels, class names) of `root/<class>/<image>`, sorted; classes sorted by name."""
+  """(paths, labels, class names) tuples of `root/<class>/<image>`, sorted; classes sorted by
+  name. Listed once per root and process: training, evaluation and the probes share it (a
+  folder on a network file system takes minutes to list at ImageNet size)."""
   tf, _ = tf_modules()
+  LISTINGS[root] += 1
   expected = (f"expected a folder tree root/<class>/<image> with images ending in "
               f"{', '.join(IMAGE_EXTENSIONS)}")
   if not root:
@@ -62,7 +74,7 @@ def list_image_folder(root):
   if not paths:
     raise FileNotFoundError(f"config.data.folder={root} holds no images ({len(classes)} class "
                             f"folders found); {expected}")
-  return paths, labels, classes
+  return tuple(paths), tuple(labels), tuple(classes)
 
 
 class FolderSource:
@@ -94,7 +106,7 @@ class FolderSource:
 
   def epoch_order(self, epoch_seed):
     """One epoch's permutation of the whole listing (the same on every process)."""
-    return np.random.default_rng(epoch_seed).permutation(self.total_examples)
+    return order.epoch_permutation(epoch_seed, self.total_examples)
 
   def records_at(self, ids):
     """(path, label) dataset of the listing's examples `ids`, in that order."""
@@ -164,7 +176,8 @@ def tfds_builder(data, *, prepare=False):
     builder = tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"config.data.dataset={name!r} is unknown: expected {BUNDLED!r}, "
-                     f"{FOLDER!r} (with config.data.folder) or a TFDS image classification "
+                     f"{FOLDER!r} (with config.data.folder), {arrays.ARRAYS!r} (with "
+                     f"config.data.arrays) or a TFDS image classification "
                      f"dataset such as 'imagenet2012', 'imagenette', "
                      f"'imagenet2012_subset/1pct' ({str(e).splitlines()[0]})") from None
   if builder.is_prepared():
@@ -223,6 +236,12 @@ def check_data(config):
   if data.dataset == FOLDER:
     paths, _, classes = list_image_folder(data.folder)
     return f"{len(paths)} images in {len(classes)} classes under {data.folder}"
+  if data.dataset == arrays.ARRAYS:
+    check_augment(data)
+    arrays.check_channels(config.model.in_chans)
+    if data.get("eval_arrays"):
+      arrays.eval_arrays(data)
+    return arrays.train_arrays(data).description
   builder = tfds_builder(data)
   if not builder.is_prepared():
     return f"{data.dataset}, to be prepared from {data.manual_dir} into {builder.data_dir}"
@@ -246,6 +265,8 @@ def epoch_examples(config, *, process_count=None):
     return len(bundled_photos()), "the bundled photos"
   if data.dataset == FOLDER:
     return len(list_image_folder(data.folder)[0]), "counted in the image folder"
+  if data.dataset == arrays.ARRAYS:
+    return len(arrays.train_arrays(data)), f"the images in {data.arrays}"
   if process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_count = jax.process_count()
@@ -283,6 +304,10 @@ def dataset_info(config, split=None):
   if data.dataset == FOLDER:
     paths, _, classes = list_image_folder(data.folder)
     return len(paths), len(classes)
+  if data.dataset == arrays.ARRAYS:
+    source = (arrays.eval_arrays(data) if split and split == data.eval_split
+              else arrays.train_arrays(data))
+    return len(source), source.num_classes
   builder = tfds_builder(data)
   split = split or data.split
   _check_split(builder, split, data)

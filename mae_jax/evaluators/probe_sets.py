@@ -44,9 +44,9 @@ class ProbeSet:
   """A fixed set of labelled images: `features(context, pool)` -> (N, D) float32, (N,) labels
   in a fixed order (the example's position in the set), whatever the process count."""
 
-  def __init__(self, config, size, description, *, files=None, split=None):
+  def __init__(self, config, size, description, *, files=None, split=None, subset=None):
     self.config, self.size, self.description = config, size, description
-    self.files, self.split = files, split
+    self.files, self.split, self.subset = files, split, subset
     self._cached = None
     side = config.model.img_size
     per_image = side * side * 3 * (1 if config.data.ship_uint8 else 4)
@@ -56,13 +56,17 @@ class ProbeSet:
     """Equal for sets of the same images read the same way (shared by evaluators)."""
     d = self.config.data
     files = hashlib.sha1("\n".join(self.files[0]).encode()).hexdigest() if self.files else None
+    if self.subset is not None:
+      which, ids = self.subset
+      files = (which, d.arrays, d.eval_arrays, hashlib.sha1(np.asarray(ids).tobytes()).hexdigest())
     return (d.dataset, d.data_dir, self.split, files, self.config.batch_size,
             self.config.model.img_size, d.ship_uint8, d.antialias)
 
   def _batches(self):
     if self._cached is not None:
       return self._cached
-    batches = data.create_eval_iterator(self.config, split=self.split, files=self.files)
+    batches = data.create_eval_iterator(self.config, split=self.split, files=self.files,
+                                        subset=self.subset)
     if not self._cache:
       return batches
     self._cached = list(batches)  # the eval transform is deterministic: decode once
@@ -142,6 +146,36 @@ def _folder_sets(config, name, entry, what):
   return train, evals, len(classes), counts, classes
 
 
+def _array_sets(config, entry, what):
+  """The folder rule for arrays: a seeded train subset; eval_arrays or held out."""
+  d = config.data
+  train_arrays = data.arrays.train_arrays(d)
+  if train_arrays.labels is None:
+    raise NoLabels(f"{what}: {train_arrays.description}")
+  count = len(train_arrays)
+  order = np.random.default_rng([entry.seed, 1]).permutation(count)
+  if d.eval_arrays:
+    eval_arrays = data.arrays.eval_arrays(d)
+    if eval_arrays.labels is None:
+      raise NoLabels(f"{what}: the evaluation images {eval_arrays.description}")
+    eval_order = np.random.default_rng([entry.seed, 2]).permutation(len(eval_arrays))
+    eval_pick, eval_which = np.sort(eval_order[:entry.eval_examples]), "eval"
+    train_pick = np.sort(order[:entry.train_examples])
+    eval_what = eval_arrays.description
+  else:  # held out of the training arrays
+    held = min(entry.eval_examples, count // 2)
+    eval_pick, eval_which = np.sort(order[:held]), "train"
+    train_pick = np.sort(order[held:held + entry.train_examples])
+    eval_what = train_arrays.description + " (held out)"
+  train = ProbeSet(config, len(train_pick), f"{len(train_pick)} of {train_arrays.description}",
+                   subset=("train", train_pick))
+  evals = ProbeSet(config, len(eval_pick), f"{len(eval_pick)} of {eval_what}",
+                   subset=(eval_which, eval_pick))
+  num_classes = train_arrays.num_classes
+  counts = np.bincount(train_arrays.labels[train_pick], minlength=num_classes)
+  return train, evals, num_classes, counts, [str(c) for c in range(num_classes)]
+
+
 def _tfds_sets(config, entry, what):
   d = config.data
   builder = data.tfds_builder(d)
@@ -182,6 +216,8 @@ def resolve(config, name, entry, *, strict=None):
     raise NoLabels(f"{what} has no labels")
   if d.dataset == data.FOLDER:
     train, evals, num_classes, counts, classes = _folder_sets(config, name, entry, what)
+  elif d.dataset == data.ARRAYS:
+    train, evals, num_classes, counts, classes = _array_sets(config, entry, what)
   else:
     train, evals, num_classes, counts, classes = _tfds_sets(config, entry, what)
   for part, s in (("train", train), ("eval", evals)):

@@ -1,0 +1,38 @@
+"""The global example order shared by every random-access source (folders, arrays).
+
+One epoch's order is a permutation of the whole data set keyed by (seed, epoch), the same on
+every process; global batch `step` holds positions [step * B, (step + 1) * B) of the epochs
+laid end to end, and each process takes its contiguous slots of it. So what a global batch
+holds does not depend on the process count, and a run resumes on another process count.
+"""
+
+import numpy as np
+
+
+def local_batch(batch_size, process_count):
+  """This process's share of the global batch; a clear error if it does not divide."""
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} (global) is not divisible by the "
+                     f"{process_count} processes")
+  return batch_size // process_count
+
+
+def int32_ids(ids):
+  """Global example ids as int32 (the mask noise is keyed by them), wrapping past 2^31 - 1."""
+  return (np.asarray(ids, np.int64) % np.iinfo(np.int32).max).astype(np.int32)
+
+
+def epoch_seed(seed, process_index, epoch):
+  """A 31-bit seed for one epoch (order, augmentation); process 0's for a global order."""
+  return int(np.random.SeedSequence([seed, process_index, epoch]).generate_state(1)[0] >> 1)
+
+
+def epoch_permutation(seed_of_epoch, total):
+  """The epoch's order of the `total` examples (numpy's permutation of that seed)."""
+  return np.random.default_rng(seed_of_epoch).permutation(total)
+
+
+def step_positions(step, global_batch, process_index, process_count):
+  """Positions (in the epochs laid end to end) of this process's slots of global batch `step`."""
+  local = local_batch(global_batch, process_count)
+  return step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
