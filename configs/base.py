@@ -63,6 +63,8 @@ def sized_config(size, arg=None):
       num_train_examples=-1,    # one epoch for the schedule; -1: the size of `split`
       data_dir="",              # TFDS data_dir, local or gs:// ("" = TFDS default)
       manual_dir="",            # ILSVRC2012_img_{train,val}.tar: prepares imagenet2012 if needed
+      file_format="auto",       # TFDS: auto | array_record (read by index: one global order on
+                                # any process count) | tfrecord (read in order per process)
       folder="",                # image_folder root: folder/<class>/<image>
       eval_folder="",           # image_folder of evaluation / probe images ("" = none)
       arrays="",                # arrays: uint8 images in host memory (.npy, .npz, IDX [.gz])

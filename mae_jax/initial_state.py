@@ -99,7 +99,7 @@ def from_weights(built, config, source, whole_classifier=False):
 RUN_DEFINING = ("task", "model", "classifier", "finetune", "batch_size", "seed", "epochs",
                 "warmup_epochs", "total_steps", "warmup_steps", "base_lr", "min_lr",
                 "weight_decay", "b1", "b2", "init_from", "data.dataset", "data.folder",
-                "data.arrays", "data.labels",
+                "data.arrays", "data.labels", "data.file_format",
                 "data.split", "data.num_train_examples", "data.crop", "data.crop_scale",
                 "data.crop_ratio", "data.hflip", "data.color_jitter", "data.rand_augment",
                 "data.random_erasing")

@@ -1,13 +1,45 @@
-"""Image folders: the global batches do not depend on the process count."""
+"""Random-access sources (image folders, TFDS prepared as ArrayRecord): the global batches do
+not depend on the process count, and a mid-epoch state resumes on another process count."""
 
 import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax import data as mae_data
 from mae_jax.imaging import center_crop
+
+
+class MaeTinyPhotos(tfds.core.GeneratorBasedBuilder):
+  """19 small photos in two classes, as a real TFDS builder writes them (PNG-encoded)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, supervised_keys=("image", "label"),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(19), "validation": self._generate_examples(7)}
+
+  def _generate_examples(self, count):
+    photos = mae_data.bundled_photos()
+    for i in range(count):
+      yield i, {"image": center_crop(photos[i % len(photos)], 40), "label": i % 2}
+
+
+def prepare_tiny_photos(data_dir, file_format="array_record"):
+  """`MaeTinyPhotos` prepared in `data_dir` (dataset name "mae_tiny_photos")."""
+  builder = MaeTinyPhotos(data_dir=str(data_dir), file_format=file_format)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      verify_ssl=False))
+  return builder
 
 BATCH = 12
 STEPS = 5  # 60 examples: 3+ epochs of 19, so epoch boundaries fall mid-batch
@@ -24,10 +56,21 @@ def folder(tmp_path_factory):
   return root
 
 
-@pytest.fixture
-def config(tiny_config, folder):
+@pytest.fixture(scope="module")
+def array_record(tmp_path_factory):
+  """The same 19 photos as a TFDS dataset prepared as ArrayRecord."""
+  return prepare_tiny_photos(tmp_path_factory.mktemp("tfds")).data_dir.split("/mae_tiny_photos")[0]
+
+
+@pytest.fixture(params=["image_folder", "array_record"])
+def config(request, tiny_config, folder, array_record):
   tiny_config.batch_size = BATCH
-  tiny_config.data.update(dataset="image_folder", folder=str(folder), num_parallel_calls=1)
+  tiny_config.data.update(num_parallel_calls=1)
+  if request.param == "image_folder":
+    tiny_config.data.update(dataset="image_folder", folder=str(folder))
+  else:
+    tiny_config.data.update(dataset="mae_tiny_photos", data_dir=array_record,
+                            file_format="array_record")
   return tiny_config
 
 
@@ -66,10 +109,13 @@ def test_one_process_order_is_the_order_before_the_global_slicing(config):
   from mae_jax.data import iterators  # pylint: disable=import-outside-toplevel
   batches = _iterators(config, 1)[0]
   labels = np.concatenate([next(batches)["label"] for _ in range(3)])  # 36 = epoch 0 + 17
-  source = batches.source
   order0 = np.random.default_rng(iterators._epoch_seed(config.seed, 0, 0)).permutation(19)
   order1 = np.random.default_rng(iterators._epoch_seed(config.seed, 0, 1)).permutation(19)
-  np.testing.assert_array_equal(labels, source.all_labels[np.r_[order0, order1[:17]]])
+  # folder: the listing's labels; ArrayRecord: the labels of the records, by index
+  source = batches.source
+  all_labels = (source.all_labels if config.data.dataset == "image_folder" else
+                np.array([source.records_by_index[i]["label"] for i in range(19)]))
+  np.testing.assert_array_equal(labels, all_labels[np.r_[order0, order1[:17]]])
 
 
 @pytest.mark.parametrize("saved_count,resumed_count", [(2, 2), (2, 3), (3, 1)])
@@ -97,3 +143,23 @@ def test_start_step_without_a_saved_state_lands_on_the_same_batches(config):
   late = _iterators(config, 3, start_step=5)
   for step in range(5, 8):
     _assert_same(_global_batch(late), _global_batch(reference), f"step {step}")
+
+
+def test_array_record_asked_of_a_tfrecord_dataset_or_a_missing_dir_is_one_clear_error(
+    tiny_config, tmp_path):
+  from mae_jax import cli  # pylint: disable=import-outside-toplevel
+  prepare_tiny_photos(tmp_path / "tfrecord", file_format="tfrecord")
+  tiny_config.data.update(dataset="mae_tiny_photos", data_dir=str(tmp_path / "tfrecord"),
+                          file_format="array_record")
+  with pytest.raises(cli.USER_ERRORS, match=r"config.data.file_format='array_record' but "
+                     r"mae_tiny_photos in \S+ is prepared as \['tfrecord'\]: prepare it with "
+                     r"`tfds build mae_tiny_photos --file_format=array_record"):
+    mae_data.check_data(tiny_config)
+  tiny_config.data.file_format = "auto"  # a TFRecord dataset stays readable, in order
+  assert "TFRecord, read in order per process" in mae_data.check_data(tiny_config)
+  tiny_config.data.update(data_dir=str(tmp_path / "nope"), file_format="array_record")
+  with pytest.raises(cli.USER_ERRORS, match=r"config.data.data_dir=\S+nope does not exist"):
+    mae_data.check_data(tiny_config)
+  tiny_config.data.update(data_dir=str(tmp_path / "tfrecord"), file_format="arrayrecord")
+  with pytest.raises(cli.USER_ERRORS, match=r"config.data.file_format='arrayrecord': expected"):
+    mae_data.check_data(tiny_config)

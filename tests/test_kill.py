@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from mae_jax import checkpointing, summaries
 
@@ -159,8 +160,8 @@ def check_consistent(workdir):
   return steps, tmp
 
 
-def _command(workdir):
-  return [sys.executable, "-m", "mae_jax.main", f"--workdir={workdir}", *FLAGS]
+def _command(workdir, data_flags=()):
+  return [sys.executable, "-m", "mae_jax.main", f"--workdir={workdir}", *FLAGS, *data_flags]
 
 
 def save_in_flight(workdir, step):
@@ -180,10 +181,10 @@ def save_in_flight(workdir, step):
   return predicate
 
 
-def _kill_at(run, kind, start, rng, workdir):
+def _kill_at(run, kind, start, rng, workdir, data_line="data: 18 bundled photos"):
   """Kill `run` at a moment of phase `kind`; returns a description, or None if it ended first."""
   if kind == "restore":  # imports done; building, restoring, initialising
-    ready = run.wait_until(lambda: run.seen("data: 18 bundled photos"))
+    ready = run.wait_until(lambda: run.seen(data_line))
     delay = rng.uniform(0, 1.0)
   elif kind == "compile":  # logged right before lowering and compiling the step
     ready = run.wait_until(lambda: run.seen("M trainable); steps"))
@@ -212,9 +213,18 @@ def _kill_at(run, kind, start, rng, workdir):
   return f"{seconds:5.1f}s in, {compiled}, last line: {run.last_line()[:100]!r}"
 
 
-def test_kill9_at_ten_random_moments_then_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("source", ["bundled_photos", "array_record"])
+def test_kill9_at_ten_random_moments_then_resume_is_bit_exact(tmp_path, source):
+  data_flags, data_line = (), "data: 18 bundled photos"
+  if source == "array_record":  # a TFDS split read by index (the global order)
+    from test_data_order import prepare_tiny_photos  # pylint: disable=import-outside-toplevel
+    prepare_tiny_photos(tmp_path / "tfds")
+    data_flags = ("--config.data.dataset=mae_tiny_photos",
+                  f"--config.data.data_dir={tmp_path / 'tfds'}",
+                  "--config.data.file_format=array_record")
+    data_line = "data: mae_tiny_photos train: 19 examples (ArrayRecord"
   reference = tmp_path / "reference"
-  code, out = Run(_command(reference)).finish()
+  code, out = Run(_command(reference, data_flags)).finish()
   assert code == 0, out[-3000:]
   workdir = tmp_path / "killed"
   rng = np.random.default_rng(20261201)
@@ -224,8 +234,8 @@ def test_kill9_at_ten_random_moments_then_resume_is_bit_exact(tmp_path):
   report = []
   for kind in kinds:
     start = (checkpointing.latest_step(workdir) if os.path.isdir(workdir) else None) or 0
-    run = Run(_command(workdir))
-    where = _kill_at(run, kind, start, rng, workdir)
+    run = Run(_command(workdir, data_flags))
+    where = _kill_at(run, kind, start, rng, workdir, data_line)
     assert where is not None, f"the run ended before the {kind!r} kill:\n{run.output()[-3000:]}"
     steps, tmp = check_consistent(workdir)
     report.append((kind, run.seen("train step compiled"), tmp))
@@ -235,7 +245,7 @@ def test_kill9_at_ten_random_moments_then_resume_is_bit_exact(tmp_path):
   assert sum(not compiled for _, compiled, _ in report) >= 3
   assert all(tmp for kind, _, tmp in report if kind == "save")
   assert checkpointing.latest_step(workdir) == STEPS  # the last kill came after the final save
-  code, out = Run(_command(workdir)).finish()
+  code, out = Run(_command(workdir, data_flags)).finish()
   assert code == 0, out[-3000:]
   steps, tmp = check_consistent(workdir)
   assert steps == [STEPS - 8, STEPS - 4, STEPS] and not tmp  # partial saves cleaned up

@@ -177,8 +177,9 @@ class TfBatches:
     def load(numbered, key):
       pos, (payload, label) = numbered
       seed = tf.stack([tf.constant(epoch_seed, tf.int64), key])
-      return {"image": self.transform(self.source.load(payload), seed),
-              "label": tf.cast(label, tf.int32), "pos": pos}
+      encoded, label = self.source.load(payload, label)
+      return {"image": self.transform(encoded, seed), "label": tf.cast(label, tf.int32),
+              "pos": pos}
 
     ds = tf.data.Dataset.zip(records.enumerate(), keys).skip(position)
     ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
@@ -314,8 +315,8 @@ def create_eval_iterator(config, *, split=None, files=None, subset=None, process
   size = sources.image_size(config)
 
   def load(position, record):
-    payload, label = record
-    image = eval_transform(source.load(payload), size=size, antialias=data.antialias,
+    encoded, label = source.load(*record)
+    image = eval_transform(encoded, size=size, antialias=data.antialias,
                            ship_uint8=data.ship_uint8)
     return {"images": image, "label": tf.cast(label, tf.int32), "valid": True,
             "index": tf.cast(position + source.start, tf.int32)}

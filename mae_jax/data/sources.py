@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from mae_jax.data import arrays, order
+from mae_jax.data import arrays, order, random_access
 from mae_jax.data.array_batches import check_augment
 from mae_jax.data.crops import CROPS
 from mae_jax.data.photos import BUNDLED, bundled_photos
@@ -113,8 +113,9 @@ class FolderSource:
     tf, _ = tf_modules()
     return tf.data.Dataset.from_tensor_slices((self.all_paths[ids], self.all_labels[ids]))
 
-  def load(self, payload):
-    return tf_modules()[0].io.read_file(payload)
+  def load(self, payload, label):
+    """(encoded image, label) of a record: the file's bytes."""
+    return tf_modules()[0].io.read_file(payload), label
 
   def describe(self):
     return f"image folder {self.root}"
@@ -155,8 +156,8 @@ class TfdsSource:
       ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed)
     return ds
 
-  def load(self, payload):
-    return payload
+  def load(self, payload, label):
+    return payload, label
 
   def describe(self):
     return f"{self.builder.name} {self.split} ({self.builder.data_dir})"
@@ -188,6 +189,9 @@ def tfds_builder(data, *, prepare=False):
   _check_manual_dir(name, manual_dir)
   if not prepare:
     return builder
+  if data.get("file_format") == random_access.ARRAY_RECORD:  # written for random access
+    builder = tfds.builder(name, data_dir=data_dir or None,
+                           file_format=random_access.ARRAY_RECORD)
   log.info("preparing %s from manual_dir=%s into %s (once)", name, manual_dir, builder.data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -214,9 +218,15 @@ def _check_split(builder, split, data):
 
 
 def make_source(config, split, process_index, process_count, *, prepare=True):
+  """The source of `split`: an image folder, a TFDS split by index (prepared as ArrayRecord,
+  see `random_access`) or read sequentially (TFRecord)."""
   data = config.data
   if data.dataset == FOLDER:
     return FolderSource(data.folder, process_index, process_count)
+  builder = tfds_builder(data, prepare=prepare and process_count == 1)
+  if builder.is_prepared() and random_access.random_access(builder, data):
+    _check_split(builder, split, data)
+    return random_access.ArrayRecordSource(builder, split, process_index, process_count)
   return TfdsSource(data, split, process_index, process_count, prepare=prepare)
 
 
@@ -246,7 +256,10 @@ def check_data(config):
   if not builder.is_prepared():
     return f"{data.dataset}, to be prepared from {data.manual_dir} into {builder.data_dir}"
   _check_split(builder, data.split, data)
-  return f"{data.dataset} {data.split}: {builder.info.splits[data.split].num_examples} examples"
+  how = ("ArrayRecord, one global order" if random_access.random_access(builder, data)
+         else "TFRecord, read in order per process")
+  return (f"{data.dataset} {data.split}: {builder.info.splits[data.split].num_examples} "
+          f"examples ({how})")
 
 
 
