@@ -97,12 +97,19 @@ def _eval_reference(photo, size):
   return big[top:top + size, left:left + size]
 
 
-def test_imagenet2012_prepared_from_manual_tars_and_read(tiny_config, imagenet):
-  config = _config(tiny_config, imagenet)
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_imagenet2012_prepared_from_manual_tars_and_read(tiny_config, imagenet, file_format):
+  """Prepared by the real builder as TFRecord (read in order) or ArrayRecord (by index)."""
+  data_dir = imagenet[1] + ("" if file_format == "tfrecord" else "_array_record")
+  config = _config(tiny_config, (imagenet[0], data_dir), file_format=file_format)
   assert "to be prepared" in ip.check_data(config)
   batches = ip.create_pretrain_iterator(config, process_index=0, process_count=1)
-  assert os.path.exists(os.path.join(imagenet[1], "imagenet2012", "5.1.0", "dataset_info.json"))
-  assert ip.check_data(config) == f"imagenet2012 train: {3 * PER_CLASS} examples"
+  assert os.path.exists(os.path.join(data_dir, "imagenet2012", "5.1.0", "dataset_info.json"))
+  how = ("TFRecord, read in order per process" if file_format == "tfrecord"
+         else "ArrayRecord, one global order")
+  assert ip.check_data(config) == f"imagenet2012 train: {3 * PER_CLASS} examples ({how})"
+  assert isinstance(batches.source, ip.random_access.ArrayRecordSource) == (
+      file_format == "array_record")
   names = _labels_file("labels.txt")
   want = {names.index(s) for s in SYNSETS}
   labels = []

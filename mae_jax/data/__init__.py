@@ -22,7 +22,7 @@ preparable from `data.manual_dir`; `image_folder`: `data.folder/<class>/<image>`
 gs://); `arrays`: `data.arrays` (+ `data.labels`) in host memory; `bundled_photos`.
 """
 
-from mae_jax.data import arrays
+from mae_jax.data import arrays, random_access
 from mae_jax.data.arrays import ARRAYS
 from mae_jax.data.crops import (CROPS, EVAL_CROP_FRACTION, fixed_size_crop_box,
                                 random_resized_crop_box)
