@@ -2,7 +2,7 @@ r"""Does the input keep up with training? Fashion-MNIST pre-training with real i
 same compiled step on one fixed batch (compute only), and the training loop's waits for a
 batch across epoch boundaries.
 
-  python benchmarks/input_training.py --sources=arrays,image_folder --examples=12800 \
+  python benchmarks/input_training.py --sources=arrays,image_folder,array_record --examples=12800 \
       --rounds=4 --window=60
 
 For each source: the config of `configs/fmnist_pretrain.py` on the first `--examples`
@@ -12,7 +12,8 @@ the next batch). Windows of `--window` steps alternate between real input and th
 batch, `--rounds` of each; the table gives img/s of both (medians over the windows), their
 ratio, the host's wait for `next(batches)` per step (median / max) and the longest step
 interval within 2 steps of an epoch boundary against the median step. Needs Debian's
-dataset-fashion-mnist; the image folder is written once under --work (PNG, idx.py).
+dataset-fashion-mnist; the image folder (PNG) and the ArrayRecord TFDS copy are written once
+under --work.
 """
 
 import argparse
@@ -48,13 +49,47 @@ def prepare(work, examples):
   return npz, folder
 
 
-def make_config(source, npz, folder, steps):
+def prepare_array_record(work, npz):
+  """The same images as a TFDS dataset prepared as ArrayRecord (PNG-encoded records)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class FmnistBench(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, supervised_keys=("image", "label"),
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(28, 28, 1), encoding_format="png"),
+              "label": tfds.features.ClassLabel(num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      with np.load(npz) as f:
+        for i, (image, label) in enumerate(zip(f["images"], f["labels"])):
+          yield i, {"image": image[..., None], "label": int(label)}
+
+  data_dir = os.path.join(work, "tfds_" + os.path.basename(npz)[:-4])
+  builder = FmnistBench(data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    tfds.disable_progress_bar()
+    builder.download_and_prepare()
+  return data_dir
+
+
+def make_config(source, npz, folder, steps, work):
   arg = f"total_steps={steps},warmup_steps=10"
   if source == "image_folder":
     arg += f",folder={folder}"
   config = fmnist_pretrain.get_config(arg)
   if source == "arrays":
     config.data.update(arrays=npz, eval_arrays="")
+  if source == "array_record":
+    config.data.update(dataset="fmnist_bench", data_dir=prepare_array_record(work, npz),
+                       file_format="array_record")
   config.data.num_train_examples = -1
   for entry in config.evals.values():
     entry.every_steps = 0
@@ -64,7 +99,7 @@ def make_config(source, npz, folder, steps):
 
 def run(source, npz, folder, args):
   steps = 2 * args.rounds * args.window + 5
-  config = make_config(source, npz, folder, steps)
+  config = make_config(source, npz, folder, steps, args.work)
   mesh = sharding.make_mesh(config.mesh)
   built = train.build(config, mesh, steps, 10)
   state, static = built.init_fn()
@@ -76,7 +111,7 @@ def run(source, npz, folder, args):
   jax.block_until_ready(metrics["loss"])
   per_epoch = len(batches.arrays) if source == "arrays" else batches.source.total_examples
   real, compute, waits, intervals, boundary = [], [], [], [], []
-  for _ in range(args.rounds):
+  for round_index in range(args.rounds):
     for kind in ("real", "compute"):
       start, last, in_flight = time.perf_counter(), None, None
       for _ in range(args.window):
@@ -84,7 +119,7 @@ def run(source, npz, folder, args):
           step = batches.step
           t0 = time.perf_counter()
           batch = sharding.global_batch(next(batches), mesh)
-          waits.append(time.perf_counter() - t0)
+          waits.append((time.perf_counter() - t0, round_index, step))
         else:
           batch = fixed
         state, metrics = compiled(state, static, batch)
@@ -102,16 +137,18 @@ def run(source, npz, folder, args):
       jax.block_until_ready(in_flight)
       rate = args.window * config.batch_size / (time.perf_counter() - start)
       (real if kind == "real" else compute).append(rate)
+  longest = max(waits)
   return dict(source=source, real=np.median(real), compute=np.median(compute),
-              wait_p50=np.median(waits), wait_max=max(waits), step_p50=np.median(intervals),
+              wait_p50=np.median([w[0] for w in waits]), wait_max=longest[0],
+              wait_where=f"round {longest[1]}, step {longest[2]}", step_p50=np.median(intervals),
               step_max=max(intervals), boundary_max=max(boundary) if boundary else float("nan"),
-              boundaries=steps * config.batch_size // per_epoch,
+              boundaries=batches.step * config.batch_size // per_epoch,  # crossed by real input
               per_core=np.median(real) / os.cpu_count())
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sources", default="arrays,image_folder")
+  parser.add_argument("--sources", default="arrays,image_folder,array_record")
   parser.add_argument("--examples", type=int, default=12_800, help="training images used")
   parser.add_argument("--rounds", type=int, default=4, help="windows of each kind")
   parser.add_argument("--window", type=int, default=60, help="steps per window")
@@ -128,7 +165,7 @@ def main():
   for source in args.sources.split(","):
     r = run(source, npz, folder, args)
     print(f"| {source} | {r['real']:.0f} | {r['compute']:.0f} | {r['real'] / r['compute']:.3f} "
-          f"| {r['wait_p50']:.4f} / {r['wait_max']:.3f} | {r['step_p50']:.3f} / "
+          f"| {r['wait_p50']:.4f} / {r['wait_max']:.3f} ({r['wait_where']}) | {r['step_p50']:.3f} / "
           f"{r['step_max']:.3f} | {r['boundary_max']:.3f}, {r['boundaries']} | "
           f"{r['per_core']:.0f} |", flush=True)
 

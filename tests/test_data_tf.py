@@ -400,3 +400,22 @@ def test_mock_data_drives_the_training_loop(tiny_config, imagenet, tmp_path):
   assert all(np.isfinite(loss) for _, loss in history)
   meta = checkpointing.restore(str(tmp_path), 6)[0]["meta"]
   assert meta["data"]["step"] == 6 and meta["data"]["epoch"] == 2 and meta["data"]["position"] == 8
+
+
+def test_finished_iterators_are_deleted_off_the_calling_thread():
+  """`tf_setup.discard`: the last reference goes in the reaper thread (deleting a tf.data
+  iterator can wait for its autotune thread's next wake-up, tens of seconds at an epoch end)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  from mae_jax.data import tf_setup  # pylint: disable=import-outside-toplevel
+  deleted = threading.Event()
+  where = []
+
+  class Tracked:
+    def __del__(self):
+      where.append(threading.current_thread().name)
+      deleted.set()
+
+  box = [Tracked()]
+  tf_setup.discard(box)
+  del box
+  assert deleted.wait(10) and where == ["tf_iterator_reaper"]

@@ -15,7 +15,7 @@ import numpy as np
 from mae_jax.data import array_batches, arrays, order, sources
 from mae_jax.data.crops import CROPS, fixed_size_crop_box, random_resized_crop_box
 from mae_jax.data.photos import BUNDLED, bundled_photos
-from mae_jax.data.tf_setup import tf_modules
+from mae_jax.data.tf_setup import discard, tf_modules
 from mae_jax.data.transforms import eval_transform, pretrain_transform
 from mae_jax.imaging import center_crop, normalize, resize
 
@@ -99,7 +99,9 @@ class TfBatches:
   (while every image is readable), and a run resumes on another process count at the same
   place. Otherwise (TFDS) each process reads its own share in an order keyed by (seed,
   process, epoch). Either way `restore(state())` continues with the exact next batch. The
-  next epoch's pipeline fills in a background thread so an epoch boundary does not stall.
+  next epoch's pipeline is built and filled in a background thread while this one runs, and
+  a finished epoch's iterator is deleted in another (`tf_setup.discard`), so an epoch
+  boundary costs the training thread nothing.
   """
 
   def __init__(self, source, config, *, process_index, process_count, start_step=0):
@@ -157,6 +159,10 @@ class TfBatches:
                     state["process_count"], self.process_count)
     self.step, self.epoch = int(state["step"]), int(state["epoch"])
     self.position, self.skipped = int(state["position"]), int(state["skipped"])
+    if hasattr(self, "_current"):  # pipelines of the position left behind
+      box = [self._current, self._next]
+      self._current = self._next = None
+      discard(box)
     self._current = self._open(self.epoch, self.position)
     self._next = self._prefetch(self.epoch + 1)
     self._pending = None  # the part of a fetched chunk not yet returned
@@ -195,9 +201,12 @@ class TfBatches:
     return ds.as_numpy_iterator(), size
 
   def _prefetch(self, epoch):
-    """Open epoch `epoch` now and fill its pipeline (first chunk) in a background thread."""
-    it, size = self._open(epoch, 0)
-    return it, size, self._warm.submit(next, it, None)
+    """A future of (iterator, size, first chunk) of epoch `epoch`, built and filled in a
+    background thread (its prefetch buffer keeps filling after the first chunk)."""
+    def build():
+      it, size = self._open(epoch, 0)
+      return it, size, next(it, None)
+    return self._warm.submit(build)
 
   def _chunk(self):
     """The next chunk of decoded examples, moving on to the next epoch when one ends."""
@@ -209,9 +218,11 @@ class TfBatches:
       if chunk is not None:
         return chunk
       self._count_skips(self._current[1] - self.position)  # unreadable records at the end
-      it, size, first = self._next
+      it, size, first = self._next.result()
+      box = [self._current]  # the finished epoch's iterator, deleted off this thread
       self.epoch, self.position, self._current = self.epoch + 1, 0, (it, size)
-      self._pending = first.result()
+      discard(box)
+      self._pending = first
       if self._pending is None:
         raise RuntimeError(f"epoch {self.epoch} of {self.source.describe()} has no readable "
                            f"image on process {self.process_index}")
@@ -327,4 +338,14 @@ def create_eval_iterator(config, *, split=None, files=None, subset=None, process
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * batch).batch(batch).prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
+  return _deleted_off_thread(ds.as_numpy_iterator())
+
+
+def _deleted_off_thread(iterator):
+  """Yield from `iterator`, then delete it in the background (`tf_setup.discard`)."""
+  box = [iterator]
+  del iterator
+  try:
+    yield from box[0]
+  finally:
+    discard(box)
