@@ -9,7 +9,9 @@ pre-training pipeline (read, fused decode-and-crop, RandomResizedCrop to 224, bi
 with and without antialiasing, flip, batch as uint8) for each number of parallel calls
 (-1 = tf.data.AUTOTUNE).
 Compares with what one chip consumes training ViT-L/16 at 50% MFU (SPEC.md: 124.5
-GFLOP per image).
+GFLOP per image). Whether the input keeps up with a real training step (in-memory arrays,
+image folder, ArrayRecord TFDS; real input vs compute only; the longest waits over epoch
+boundaries): benchmarks/input_training.py.
 """
 
 import argparse

@@ -128,7 +128,10 @@ def sized_config(size, arg=None):
   config.evals = ml_collections.ConfigDict(dict(
       fewshot=dict(type="fewshot", every_steps=2500, shots=(1, 5, 10, 25), seeds=3,
                    l2_reg=2.0 ** 10, **PROBE_DATA),
-      knn=dict(type="knn", every_steps=2500, k=20, temperature=0.07, **PROBE_DATA)))
+      knn=dict(type="knn", every_steps=2500, k=20, temperature=0.07, **PROBE_DATA),
+      # fast linear probe (logistic regression, L-BFGS on features extracted once); off
+      # unless every_steps != 0, e.g. `python -m mae_jax.evaluate ... --config.evals.linear.every_steps=-1`
+      linear=dict(type="linear", every_steps=0, l2_reg=1e-4, steps=300, **PROBE_DATA)))
 
   # Logging and outputs.
   config.log_every = 50           # steps between log lines / TensorBoard scalars

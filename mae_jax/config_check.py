@@ -119,6 +119,7 @@ EVAL_FIELDS = {
         "a non-empty tuple of positive ints", lambda v: isinstance(v, (tuple, list)) and bool(v)
         and all(_int(k) and k > 0 for k in v)), "seeds": POSITIVE_INT, "l2_reg": POSITIVE},
     "knn": {**_EVAL_COMMON, "k": POSITIVE_INT, "temperature": POSITIVE},
+    "linear": {**_EVAL_COMMON, "l2_reg": NON_NEGATIVE, "steps": POSITIVE_INT},
 }
 
 _MISSING = object()

@@ -445,3 +445,46 @@ def test_evaluate_cli_on_ours_official_and_hf_checkpoints(probed_run, tmp_path):
       "error: config.evals.knn.type='svm': unknown evaluator type")
 
 
+
+
+def _reference_logistic(x, y, num_classes, l2_reg):
+  """Written from the formula in float64: standardise with the train mean / std, then
+  minimise mean softmax cross-entropy + l2 / 2 |W|^2 (bias free) with scipy's L-BFGS-B."""
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+  mean, std = x.mean(axis=0), x.std(axis=0) + 1e-5
+  z = (x - mean) / std
+  n, d = z.shape
+  onehot = np.eye(num_classes)[y]
+
+  def loss_and_grad(theta):
+    w, b = theta[:d * num_classes].reshape(d, num_classes), theta[d * num_classes:]
+    logits = z @ w + b
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    loss = -np.mean(np.log(p[np.arange(n), y])) + 0.5 * l2_reg * np.sum(w * w)
+    g = (p - onehot) / n
+    return loss, np.concatenate([(z.T @ g + l2_reg * w).ravel(), g.sum(axis=0)])
+
+  res = optimize.minimize(loss_and_grad, np.zeros(d * num_classes + num_classes), jac=True,
+                          method="L-BFGS-B", options=dict(maxiter=5000, gtol=1e-10, ftol=1e-15))
+  w, b = res.x[:d * num_classes].reshape(d, num_classes), res.x[d * num_classes:]
+  return res.fun, (lambda q: np.argmax(((q - mean) / std) @ w + b, axis=1))
+
+
+def test_fast_linear_probe_equals_a_scipy_reference():
+  from mae_jax.evaluators import logistic  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  classes, dim = 5, 12
+  centres = rng.normal(size=(classes, dim)) * 1.5
+  y = rng.integers(0, classes, 400)
+  x = centres[y] + rng.normal(size=(400, dim)) * 2.0 + 3.0
+  test_y = rng.integers(0, classes, 300)
+  test_x = centres[test_y] + rng.normal(size=(300, dim)) * 2.0 + 3.0
+  for l2 in (1e-2, 1e-4):
+    want_loss, reference = _reference_logistic(x, y, classes, l2)
+    probe = logistic.fit(x, y, classes, l2, steps=300)
+    assert abs(probe[3] - want_loss) < 1e-4 * max(1.0, want_loss), (probe[3], want_loss)
+    got = logistic.predict(probe, test_x)
+    assert np.mean(got != reference(test_x)) <= 1 / 300  # at most one tie-level disagreement
+    assert 1 / classes < np.mean(got == test_y) < 1.0

@@ -17,19 +17,6 @@ from mae_jax.imaging import normalize
 
 AHEAD = 3  # batches prepared ahead of the one asked for
 
-# Fields the array source does not implement (TF ops of the tf.data pipelines).
-TF_ONLY = ("color_jitter", "rand_augment_ops", "random_erasing")
-
-
-def check_augment(data):
-  """A clear error for augmentation the array source does not do."""
-  on = [f"config.data.{k}={data[k]}" for k in TF_ONLY if data.get(k)]
-  if on:
-    raise ValueError(f"{', '.join(on)}: config.data.dataset={arrays_lib.ARRAYS!r} does crops "
-                     "and flips only; set it to 0, or write the images as an image folder "
-                     "(python -m mae_jax.data.idx) and use dataset='image_folder'")
-
-
 def _finish(images, ship_uint8):
   """uint8 (B, S, S, 1 or 3) -> 3 channels, uint8 or float32 normalised."""
   if images.shape[-1] == 1:
@@ -42,7 +29,7 @@ class ArrayBatches:
 
   def __init__(self, arrays, config, *, process_index, process_count, start_step=0):
     data = config.data
-    check_augment(data)
+    arrays_lib.check_augment(data)
     arrays_lib.check_channels(config.model.in_chans)
     self.arrays = arrays
     self.global_batch = config.batch_size
@@ -122,9 +109,7 @@ def eval_batches(arrays, config, *, subset=None, process_index, process_count):
   arrays_lib.check_channels(config.model.in_chans)
   ids = np.arange(len(arrays)) if subset is None else np.asarray(subset, np.int64)
   batch = order.local_batch(config.batch_size, process_count)
-  base, extra = divmod(len(ids), process_count)
-  start = process_index * base + min(process_index, extra)
-  end = start + base + (process_index < extra)
+  start, end = order.process_range(len(ids), process_index, process_count)
   per_process = -(-len(ids) // process_count)
   size = config.model.img_size
   for first in range(0, -(-per_process // batch) * batch, batch):

@@ -24,6 +24,19 @@ EXPECTED = ("expected uint8 images of shape (N, H, W) or (N, H, W, C) with C 1 o
             ".npz (key 'images', optional 'labels') or IDX (...-images-idx3-ubyte[.gz]) file")
 
 
+# Fields the array source does not implement (TF ops of the tf.data pipelines).
+TF_ONLY = ("color_jitter", "rand_augment_ops", "random_erasing")
+
+
+def check_augment(data):
+  """A clear error for augmentation the array source does not do."""
+  on = [f"config.data.{k}={data[k]}" for k in TF_ONLY if data.get(k)]
+  if on:
+    raise ValueError(f"{', '.join(on)}: config.data.dataset={ARRAYS!r} does crops "
+                     "and flips only; set it to 0, or write the images as an image folder "
+                     "(python -m mae_jax.data.idx) and use dataset='image_folder'")
+
+
 class Arrays:
   """uint8 images (N, H, W, C), int64 labels (N,) or None, and where they came from."""
 

@@ -201,10 +201,15 @@ class TfBatches:
     return ds.as_numpy_iterator(), size
 
   def _prefetch(self, epoch):
-    """A future of (iterator, size, first chunk) of epoch `epoch`, built and filled in a
-    background thread (its prefetch buffer keeps filling after the first chunk)."""
+    """A future of (iterator, size, first chunk) of epoch `epoch`, filled in a background
+    thread (its prefetch buffer keeps filling after the first chunk). A random-access
+    source's pipeline is built there too; a TFDS `as_dataset` call stays on this thread
+    (`tfds.testing.mock_data` fakes the file system process-wide while it runs)."""
+    built = None if self.source.global_order else self.dataset(epoch, 0)
+
     def build():
-      it, size = self._open(epoch, 0)
+      ds, size = built or self.dataset(epoch, 0)
+      it = ds.as_numpy_iterator()
       return it, size, next(it, None)
     return self._warm.submit(build)
 

@@ -36,3 +36,33 @@ def step_positions(step, global_batch, process_index, process_count):
   """Positions (in the epochs laid end to end) of this process's slots of global batch `step`."""
   local = local_batch(global_batch, process_count)
   return step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+
+
+def process_range(count, process_index, process_count):
+  """[start, end) of `process_index`'s contiguous part of `count` items (`tfds.even_splits`)."""
+  base, extra = divmod(count, process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + (process_index < extra)
+
+
+class IndexedSource:
+  """What a source with random access shares: the global epoch order, and this process's
+  contiguous share (`start`, `num_examples`) for evaluation. Subclasses set `total_examples`
+  (then call `_share`) and define `records_at(ids)`: a dataset of the examples `ids`."""
+
+  global_order = True
+
+  def _share(self, process_index, process_count):
+    self.start, end = process_range(self.total_examples, process_index, process_count)
+    self.num_examples = end - self.start
+
+  def records(self, epoch_seed, shuffle=True):
+    """This process's share, shuffled by `epoch_seed` or in order (evaluation; training reads
+    `records_at` of the global order)."""
+    ids = (np.random.default_rng(epoch_seed).permutation(self.num_examples) if shuffle
+           else np.arange(self.num_examples))
+    return self.records_at(self.start + ids)
+
+  def epoch_order(self, epoch_seed):
+    """One epoch's permutation of the whole data set (the same on every process)."""
+    return epoch_permutation(epoch_seed, self.total_examples)

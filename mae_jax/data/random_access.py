@@ -43,10 +43,8 @@ def random_access(builder, data):
   return wanted != "tfrecord" and ARRAY_RECORD in have
 
 
-class ArrayRecordSource:
+class ArrayRecordSource(order.IndexedSource):
   """A TFDS split prepared as ArrayRecord: any slice of the global order, read by index."""
-
-  global_order = True
 
   def __init__(self, builder, split, process_index, process_count):
     _, tfds = tf_modules()
@@ -56,23 +54,11 @@ class ArrayRecordSource:
         split, decoders={self.image_key: tfds.decode.SkipDecoding()},
         file_format=ARRAY_RECORD)
     self.total_examples = len(self.records_by_index)
-    base, extra = divmod(self.total_examples, process_count)
-    self.start = process_index * base + min(process_index, extra)
-    self.num_examples = base + (process_index < extra)
+    self._share(process_index, process_count)
 
   def _read(self, index):
     record = self.records_by_index[int(index)]
     return record[self.image_key], np.int64(record[self.label_key])
-
-  def records(self, epoch_seed, shuffle=True):
-    """This process's contiguous share (evaluation), shuffled by `epoch_seed` or in order."""
-    order = (np.random.default_rng(epoch_seed).permutation(self.num_examples) if shuffle
-             else np.arange(self.num_examples))
-    return self.records_at(self.start + order)
-
-  def epoch_order(self, epoch_seed):
-    """One epoch's permutation of the whole split (the same on every process)."""
-    return order.epoch_permutation(epoch_seed, self.total_examples)
 
   def records_at(self, ids):
     """(index, placeholder label) dataset of the split's examples `ids`; `load` reads them."""

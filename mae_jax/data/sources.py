@@ -17,7 +17,6 @@ import os
 import numpy as np
 
 from mae_jax.data import arrays, order, random_access
-from mae_jax.data.array_batches import check_augment
 from mae_jax.data.crops import CROPS
 from mae_jax.data.photos import BUNDLED, bundled_photos
 from mae_jax.data.tf_setup import tf_modules
@@ -37,11 +36,6 @@ IMAGENET_HOW_TO = (
 
 
 
-def process_range(count, process_index, process_count):
-  """[start, end) of `process_index`'s part of `count` items, like `tfds.even_splits`."""
-  base, extra = divmod(count, process_count)
-  start = process_index * base + min(process_index, extra)
-  return start, start + base + (process_index < extra)
 
 
 
@@ -77,7 +71,7 @@ def list_image_folder(root):
   return tuple(paths), tuple(labels), tuple(classes)
 
 
-class FolderSource:
+class FolderSource(order.IndexedSource):
   """An image folder: this process's contiguous share, and any slice of a global order.
 
   `files` = (paths, labels, classes) replaces the listing of `root`: a fixed subset of it
@@ -86,27 +80,12 @@ class FolderSource:
   the training iterator's global order (each process reads only its own examples).
   """
 
-  global_order = True
-
   def __init__(self, root, process_index, process_count, files=None):
     self.root = root
     paths, labels, self.classes = files or list_image_folder(root)
     self.all_paths, self.all_labels = np.array(paths), np.array(labels, np.int64)
-    start, end = process_range(len(paths), process_index, process_count)
-    self.num_examples = end - start
     self.total_examples = len(paths)
-    self.start = start
-
-  def records(self, epoch_seed, shuffle=True):
-    """This process's share as a (path, label) dataset, shuffled by `epoch_seed` or in order;
-    `load` turns a path into encoded bytes. (Training reads `records_at` of the global order.)"""
-    order = (np.random.default_rng(epoch_seed).permutation(self.num_examples) if shuffle
-             else np.arange(self.num_examples))
-    return self.records_at(self.start + order)
-
-  def epoch_order(self, epoch_seed):
-    """One epoch's permutation of the whole listing (the same on every process)."""
-    return order.epoch_permutation(epoch_seed, self.total_examples)
+    self._share(process_index, process_count)
 
   def records_at(self, ids):
     """(path, label) dataset of the listing's examples `ids`, in that order."""
@@ -247,7 +226,7 @@ def check_data(config):
     paths, _, classes = list_image_folder(data.folder)
     return f"{len(paths)} images in {len(classes)} classes under {data.folder}"
   if data.dataset == arrays.ARRAYS:
-    check_augment(data)
+    arrays.check_augment(data)
     arrays.check_channels(config.model.in_chans)
     if data.get("eval_arrays"):
       arrays.eval_arrays(data)

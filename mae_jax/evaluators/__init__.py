@@ -9,6 +9,8 @@ at the end. `every_steps`: N > 0 every N steps and at the end, -1 only at the en
 - `fewshot` (`fewshot.py`): `NAME/<k>shot` for k in `shots`, big_vision's closed-form
   least-squares probe, mean over `seeds` draws of k examples per class.
 - `knn` (`knn.py`): `NAME/top1`, DINO's weighted k-NN (k = 20, T = 0.07).
+- `linear` (`logistic.py`): `NAME/top1`, a fast linear probe: multinomial logistic regression
+  on the standardised features, full batch, L-BFGS (off by default: `every_steps=0`).
 
 Both read `probe_sets.py`'s fixed labelled sets (features of no-masking, inference-mode
 encoder outputs: the cls token or the mean of the patch tokens after the final norm); the
@@ -19,12 +21,12 @@ without class folders) the probes are off with one log line, unless an entry nam
 
 import logging
 
-from mae_jax.evaluators import fewshot, knn, probe_sets
+from mae_jax.evaluators import fewshot, knn, logistic, probe_sets
 from mae_jax.evaluators.context import POOLS, Context, encoder_features  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-TYPES = {"fewshot": fewshot.FewShot, "knn": knn.Knn}
+TYPES = {"fewshot": fewshot.FewShot, "knn": knn.Knn, "linear": logistic.Linear}
 
 
 def _entries(config):
@@ -74,8 +76,9 @@ def from_config(config):
     out.append(TYPES[entry.type](name, entry, probe))
     every = (f"every {entry.every_steps} steps and at the end" if entry.every_steps > 0
              else "at the end")
-    what = (f"{'/'.join(map(str, probe.shots))}-shot x {entry.seeds} seeds"
-            if entry.type == "fewshot" else f"k={probe.k}, T={entry.temperature}")
+    what = {"fewshot": lambda: f"{'/'.join(map(str, probe.shots))}-shot x {entry.seeds} seeds",
+            "knn": lambda: f"k={probe.k}, T={entry.temperature}",
+            "linear": lambda: f"L-BFGS x {entry.steps}, l2 {entry.l2_reg:g}"}[entry.type]()
     log.info("probe %s (%s, %s, %s features): train set %s, eval set %s, %d classes, %s%s",
              name, entry.type, what, probe.pool, probe.train.description,
              probe.evals.description, probe.num_classes, every,

@@ -244,7 +244,7 @@ def resolve(config, name, entry, *, strict=None):
     if too_many:
       dropped.append(f"{'/'.join(map(str, too_many))}-shot left out (the smallest class of "
                      f"{train.description} has {smallest} examples)")
-  else:
+  elif entry.type == "knn":
     if entry.k > train.size and strict:
       raise ValueError(f"{_field(name, 'k')}={entry.k} neighbours but the probe's train set "
                        f"({train.description}) has {train.size} examples")
