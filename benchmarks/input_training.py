@@ -97,6 +97,19 @@ def make_config(source, npz, folder, steps, work):
   return config
 
 
+def input_only(source, npz, folder, args):
+  """img/s of the iterator alone (nothing else running): `--batches` batches after 3."""
+  config = make_config(source, npz, folder, 100, args.work)
+  from mae_jax.data import iterators  # pylint: disable=import-outside-toplevel
+  batches = iterators.create_pretrain_iterator(config, process_index=0, process_count=1)
+  for _ in range(3):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(args.batches):
+    next(batches)
+  return args.batches * config.batch_size / (time.perf_counter() - start)
+
+
 def run(source, npz, folder, args):
   steps = 2 * args.rounds * args.window + 5
   config = make_config(source, npz, folder, steps, args.work)
@@ -153,14 +166,23 @@ def main():
   parser.add_argument("--rounds", type=int, default=4, help="windows of each kind")
   parser.add_argument("--window", type=int, default=60, help="steps per window")
   parser.add_argument("--work", default="/tmp/fmnist_input_bench")
+  parser.add_argument("--input_only", action="store_true",
+                      help="only the iterator's img/s per host core, no training")
+  parser.add_argument("--batches", type=int, default=40, help="--input_only: timed batches")
   args = parser.parse_args()
   npz, folder = prepare(args.work, args.examples)
+  if args.input_only:
+    print("| source | input img/s (iterator alone) | per host core |\n|---|---|---|")
+    for source in args.sources.split(","):
+      rate = input_only(source, npz, folder, args)
+      print(f"| {source} | {rate:.0f} | {rate / os.cpu_count():.0f} |", flush=True)
+    return
   print(f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, {preload.allocator()}; Fashion-MNIST "
         f"first {args.examples:,} images, batch 256; {args.rounds} x {args.window} steps each; "
         f"load average {os.getloadavg()[0]:.1f}")
   print("| source | img/s real input | img/s compute only | ratio | next() wait p50 / max (s) "
-        "| step p50 / max (s) | max step near a boundary (s), boundaries | img/s per core |")
+        "| step p50 / max (s) | max step near a boundary (s), boundaries | training img/s per core |")
   print("|---|---|---|---|---|---|---|---|")
   for source in args.sources.split(","):
     r = run(source, npz, folder, args)

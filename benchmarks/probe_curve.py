@@ -57,9 +57,10 @@ def pretrain_config(args, folder, test, steps, probes):
   config = fmnist_pretrain.get_config(
       f"folder={folder},eval_folder={test},total_steps={steps},"
       f"warmup_steps={max(1, steps // 20)}")
-  for entry in config.evals.values():
-    entry.update(every_steps=args.every if probes else 0, train_examples=args.train_examples,
-                 eval_examples=args.eval_examples)
+  for name in ("fewshot", "knn"):
+    config.evals[name].update(every_steps=args.every if probes else 0,
+                              train_examples=args.train_examples,
+                              eval_examples=args.eval_examples)
   config.checkpoint.every_steps = steps  # only the final checkpoint: comparable timings
   if args.batch_size:
     config.batch_size = args.batch_size

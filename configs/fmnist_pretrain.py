@@ -65,6 +65,6 @@ def get_config(arg=None):
   config.checkpoint.update(every_steps=500, keep=1)
   # Probes (10 classes): 2,000 train images (>= 150 per class), 1,000 of the test images (or,
   # for a folder, held out of it unless data.eval_folder is set), every 200 steps.
-  for probe in config.evals.values():
-    probe.update(every_steps=200, train_examples=2000, eval_examples=1000)
+  for name in ("fewshot", "knn"):
+    config.evals[name].update(every_steps=200, train_examples=2000, eval_examples=1000)
   return base.apply_args(config, short_args(arg))

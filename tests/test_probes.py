@@ -128,9 +128,9 @@ def _config(folder, **evals):
   config.log_every, config.num_preview_images, config.image_every = 2, 2, -1
   config.mesh.data = 1
   config.checkpoint.every_steps = 100
-  for entry in config.evals.values():
-    entry.update(every_steps=2, train_examples=13, eval_examples=11)
-    entry.update(evals)
+  for name in ("fewshot", "knn"):  # the linear probe stays off (its own test below)
+    config.evals[name].update(every_steps=2, train_examples=13, eval_examples=11)
+    config.evals[name].update(evals)
   config.evals.fewshot.update(shots=(1, 3))
   config.evals.knn.update(k=5)
   return config
@@ -302,8 +302,8 @@ def test_bad_inputs_are_clear_errors_before_compile(folder, tmp_path):
     with pytest.raises(ValueError, match=message):  # ... the data cannot serve them
       pretrain.TASK.check(config)
   field_cases = [
-      (("fewshot", "type", "linear"), r"config.evals.fewshot.type='linear': unknown evaluator "
-       r"type; expected one of \('fewshot', 'knn'\)"),
+      (("fewshot", "type", "svm"), r"config.evals.fewshot.type='svm': unknown evaluator "
+       r"type; expected one of \('fewshot', 'knn', 'linear'\)"),
       (("fewshot", "shots", ()), r"config.evals.fewshot.shots must be a non-empty tuple"),
       (("knn", "pool", "max"), r"config.evals.knn.pool must be one of \('cls', 'mean'\)"),
       (("knn", "every_steps", -2), r"config.evals.knn.every_steps must be an int >= -1"),

@@ -1,7 +1,6 @@
 """TensorFlow for the input pipeline: imported on first use, never on an accelerator."""
 
 import functools
-import queue
 import threading
 
 
@@ -23,30 +22,13 @@ def randint(tf, u, n):
   return tf.minimum(tf.cast(tf.floor(u * tf.cast(n, tf.float32)), tf.int32), n - 1)
 
 
-_GRAVEYARD = queue.SimpleQueue()
-
-
-def _reap():
-  while True:
-    box = _GRAVEYARD.get()
-    box.clear()  # the last reference goes here, off the caller's thread
-
-
 def discard(box):
   """Delete what the list `box` holds (tf.data iterators) in a background thread.
 
   Deleting a tf.data iterator waits for its autotune thread to wake up, and that thread sleeps
   longer the longer the iterator lived (the gap doubles from 10 ms): an epoch's iterator
   deleted on the training thread stalled one step by 20-55 s at some epoch boundaries. `box`
-  must hold the only references (drop attributes and locals before the call).
+  must hold the only references (drop attributes and locals before the call). One short-lived
+  thread per call, so a deletion that waits does not hold up the next one.
   """
-  if not _reaper_started.is_set():
-    with _reaper_lock:
-      if not _reaper_started.is_set():
-        threading.Thread(target=_reap, name="tf_iterator_reaper", daemon=True).start()
-        _reaper_started.set()
-  _GRAVEYARD.put(box)
-
-
-_reaper_lock = threading.Lock()
-_reaper_started = threading.Event()
+  threading.Thread(target=box.clear, name="tf_iterator_reaper", daemon=True).start()
