@@ -106,11 +106,11 @@ def test_global_batches_equal_for_1_2_and_3_processes(config):
 
 def test_one_process_order_is_the_order_before_the_global_slicing(config):
   """For one process the global order is the earlier per-process order (old runs resume)."""
-  from mae_jax.data import iterators  # pylint: disable=import-outside-toplevel
+  from mae_jax.data import order  # pylint: disable=import-outside-toplevel
   batches = _iterators(config, 1)[0]
   labels = np.concatenate([next(batches)["label"] for _ in range(3)])  # 36 = epoch 0 + 17
-  order0 = np.random.default_rng(iterators._epoch_seed(config.seed, 0, 0)).permutation(19)
-  order1 = np.random.default_rng(iterators._epoch_seed(config.seed, 0, 1)).permutation(19)
+  order0 = np.random.default_rng(order.epoch_seed(config.seed, 0, 0)).permutation(19)
+  order1 = np.random.default_rng(order.epoch_seed(config.seed, 0, 1)).permutation(19)
   # folder: the listing's labels; ArrayRecord: the labels of the records, by index
   source = batches.source
   all_labels = (source.all_labels if config.data.dataset == "image_folder" else

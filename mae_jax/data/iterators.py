@@ -26,9 +26,6 @@ AUGMENT_FIELDS = ("rand_augment_ops", "rand_augment_magnitude", "rand_augment_st
                   "random_erasing")
 
 
-_local_batch, _int32_ids, _epoch_seed = order.local_batch, order.int32_ids, order.epoch_seed
-
-
 class PhotoBatches:
   """Endless pre-training batches from the bundled photos.
 
@@ -45,7 +42,7 @@ class PhotoBatches:
       crop = "random_resized" if random_crop else "center"
     self.photos = bundled_photos()
     self.global_batch = batch_size
-    self.batch_size = _local_batch(batch_size, process_count)
+    self.batch_size = order.local_batch(batch_size, process_count)
     self.offset = process_index * self.batch_size
     self.image_size, self.seed = image_size, seed
     self.scale, self.ratio, self.hflip, self.crop = tuple(scale), tuple(ratio), hflip, crop
@@ -82,7 +79,7 @@ class PhotoBatches:
       views.append(self.augment(rng, self.photos[rng.integers(len(self.photos))]))
     images = np.stack(views)
     self.step += 1
-    return {"images": images if self.ship_uint8 else normalize(images), "index": _int32_ids(ids)}
+    return {"images": images if self.ship_uint8 else normalize(images), "index": order.int32_ids(ids)}
 
 
 
@@ -108,7 +105,7 @@ class TfBatches:
     data = config.data
     self.source = source
     self.global_batch = config.batch_size
-    self.batch_size = _local_batch(config.batch_size, process_count)
+    self.batch_size = order.local_batch(config.batch_size, process_count)
     self.process_index, self.process_count = process_index, process_count
     self.seed = config.seed
     self.transform = functools.partial(
@@ -172,12 +169,12 @@ class TfBatches:
     tf, _ = tf_modules()
     parallel = tf.data.AUTOTUNE if self.parallel < 0 else self.parallel
     if self.source.global_order:  # augmentation keyed by the position in the global order
-      epoch_seed = _epoch_seed(self.seed, 0, epoch)
+      epoch_seed = order.epoch_seed(self.seed, 0, epoch)
       kept = self._kept(epoch)
       records = self.source.records_at(self.source.epoch_order(epoch_seed)[kept])
       keys = tf.data.Dataset.from_tensor_slices(kept.astype(np.int64))
     else:
-      epoch_seed = _epoch_seed(self.seed, self.process_index, epoch)
+      epoch_seed = order.epoch_seed(self.seed, self.process_index, epoch)
       records, keys = self.source.records(epoch_seed), tf.data.Dataset.counter()
 
     def load(numbered, key):
@@ -258,7 +255,7 @@ class TfBatches:
     ids = (self.step * self.global_batch + self.process_index * self.batch_size
            + np.arange(self.batch_size))
     self.step += 1
-    return {"images": batch["image"], "index": _int32_ids(ids), "label": batch["label"]}
+    return {"images": batch["image"], "index": order.int32_ids(ids), "label": batch["label"]}
 
 
 def _defaults(process_index, process_count):
@@ -277,7 +274,7 @@ def create_pretrain_iterator(config, *, start_step=0, process_index=None, proces
   """
   process_index, process_count = _defaults(process_index, process_count)
   data = config.data
-  _local_batch(config.batch_size, process_count)
+  order.local_batch(config.batch_size, process_count)
   if data.crop not in CROPS:
     raise ValueError(f"config.data.crop={data.crop!r}: expected one of {CROPS}")
   if data.dataset == BUNDLED:
@@ -319,7 +316,7 @@ def create_eval_iterator(config, *, split=None, files=None, subset=None, process
     return array_batches.eval_batches(source, config, subset=ids, process_index=process_index,
                                       process_count=process_count)
   tf, _ = tf_modules()
-  batch = _local_batch(config.batch_size, process_count)
+  batch = order.local_batch(config.batch_size, process_count)
   if files is not None:
     source = sources.FolderSource(data.folder, process_index, process_count, files=files)
   elif data.dataset == sources.FOLDER and data.get("eval_folder"):

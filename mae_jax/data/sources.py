@@ -35,10 +35,6 @@ IMAGENET_HOW_TO = (
     "train with --config.data.data_dir=DATA_DIR.")
 
 
-
-
-
-
 # Real listings made per folder root in this process (a listing is cached for the run).
 LISTINGS = collections.Counter()
 
@@ -105,9 +101,9 @@ class TfdsSource:
 
   global_order = False  # read sequentially (files + shuffle buffer), no random access
 
-  def __init__(self, data, split, process_index, process_count, *, prepare=True):
+  def __init__(self, builder, data, split, process_index, process_count):
     _, tfds = tf_modules()
-    self.builder = tfds_builder(data, prepare=prepare and process_count == 1)
+    self.builder = builder  # from `tfds_builder`
     if not self.builder.is_prepared():  # several processes must not prepare one data_dir
       raise FileNotFoundError(f"{data.dataset} is not prepared in {self.builder.data_dir} and "
                               f"{process_count} processes cannot prepare it together; prepare "
@@ -206,7 +202,7 @@ def make_source(config, split, process_index, process_count, *, prepare=True):
   if builder.is_prepared() and random_access.random_access(builder, data):
     _check_split(builder, split, data)
     return random_access.ArrayRecordSource(builder, split, process_index, process_count)
-  return TfdsSource(data, split, process_index, process_count, prepare=prepare)
+  return TfdsSource(builder, data, split, process_index, process_count)
 
 
 def check_data(config):
