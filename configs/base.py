@@ -71,6 +71,7 @@ def sized_config(size, arg=None):
       labels="",                # arrays: their labels ("" = the .npz's, the IDX sibling's, none)
       eval_arrays="",           # arrays: evaluation / probe images ("" = none)
       eval_labels="",           # arrays: their labels (as `labels`)
+      per_class=0,              # arrays: > 0 trains on that many images per class (seed 0)
       split="train",            # pre-training split (TFDS sub-split syntax allowed)
       eval_split="validation",
       crop="random_resized",    # random_resized | fixed_size | center (Table 1e ablations)

@@ -87,6 +87,7 @@ FIELDS = {
     "data.dataset": NAME, "data.num_train_examples": INT, "data.data_dir": STR,
     "data.manual_dir": STR, "data.file_format": STR, "data.folder": STR, "data.eval_folder": STR, "data.split": NAME,
     "data.arrays": STR, "data.labels": STR, "data.eval_arrays": STR, "data.eval_labels": STR,
+    "data.per_class": COUNT,
     "data.eval_split": NAME, "data.crop": STR, "data.crop_scale": SCALE, "data.crop_ratio": RATIO,
     "data.hflip": BOOL, "data.antialias": BOOL, "data.color_jitter": PROBABILITY,
     "data.rand_augment_ops": COUNT, "data.rand_augment_magnitude": NON_NEGATIVE,

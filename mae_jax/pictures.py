@@ -11,6 +11,7 @@ from etils import epath
 from PIL import Image
 
 from mae_jax import imaging, losses, patches, summaries
+from mae_jax.imaging import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax import model as model_lib
 
 MASKED_GRAY = 0.35  # brightness (0..1) shown in place of removed patches
@@ -38,6 +39,40 @@ def reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss):
   return images, masked, recon, pasted
 
 
+def to_unit(images):
+  """Normalised (..., 3) -> pixel values in [0, 1] (float64, clipped: what a picture shows)."""
+  pixels = np.asarray(images, np.float64) * IMAGENET_STD + IMAGENET_MEAN
+  return np.clip(pixels, 0.0, 1.0)
+
+
+def psnr(mse):
+  """Peak signal-to-noise ratio (dB) of a mean squared error of [0, 1] pixels."""
+  return float(10.0 * np.log10(1.0 / max(float(mse), 1e-12)))
+
+
+def _patch_pixels(images, patch_size):
+  """(B, H, W, C) -> (B, L, p*p, C) in patchify's order (rows of patches, then pixels)."""
+  b, h, w, c = images.shape
+  gh, gw = h // patch_size, w // patch_size
+  x = images.reshape(b, gh, patch_size, gw, patch_size, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * gw, patch_size * patch_size, c)
+
+
+def masked_psnr(images, pred, mask, patch_size, norm_pix_loss):
+  """(model dB, oracle dB): PSNR over the removed patches' pixels, in [0, 1] pixel space.
+
+  The model's prediction (norm-pix predictions mapped back with each patch's own mean and
+  variance, as in the pictures) against an oracle that fills each removed patch with its
+  true mean colour (per channel). The errors of all images' removed pixels are pooled.
+  """
+  original, _, recon, _ = reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss)
+  removed = np.asarray(mask) > 0
+  truth = _patch_pixels(to_unit(original), patch_size)[removed]   # (M, p*p, C)
+  guess = _patch_pixels(to_unit(recon), patch_size)[removed]
+  oracle = truth.mean(axis=1, keepdims=True)
+  return psnr(np.mean((guess - truth) ** 2)), psnr(np.mean((oracle - truth) ** 2))
+
+
 def grid_image(panels, gap=2):
   """Panels of normalised (B, H, W, 3) -> one uint8 picture, a row per image."""
   columns = [imaging.denormalize(p) for p in panels]
@@ -53,14 +88,18 @@ def grid_image(panels, gap=2):
 
 def reconstruction_grid(model, images, *, key=None, noise=None, scale=1):
   """Run `model` on normalised images and return the picture (uint8), optionally upscaled."""
+  return preview(model, images, key=key, noise=noise, scale=scale)[0]
+
+
+def preview(model, images, *, key=None, noise=None, scale=1):
+  """(picture uint8, (model dB, oracle dB) of `masked_psnr`) of `model` on normalised images."""
   _, pred, mask = model(jnp.asarray(images), noise=noise, key=key)
-  panels = reconstruction_panels(images, pred, mask, model.config.patch_size,
-                                 model.config.norm_pix_loss)
-  picture = grid_image(panels)
+  size, norm_pix = model.config.patch_size, model.config.norm_pix_loss
+  picture = grid_image(reconstruction_panels(images, pred, mask, size, norm_pix))
   if scale > 1:
     picture = np.asarray(Image.fromarray(picture).resize(
         (picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST))
-  return picture
+  return picture, masked_psnr(images, pred, mask, size, norm_pix)
 
 
 def save_png(picture, path):

@@ -252,3 +252,32 @@ def test_probe_sets_of_arrays_are_fixed_disjoint_and_from_the_eval_arrays(tiny_c
                                            process_count=1))
   got = np.concatenate([b["images"][b["valid"]] for b in batches])
   np.testing.assert_array_equal(_decode(got), named.evals.subset[1])
+
+
+def test_per_class_subset_is_the_idx_folder_subset(tiny_config, tmp_path):
+  """data.per_class=4 trains on exactly the images `python -m mae_jax.data.idx --per_class=4`
+  writes as a folder: 4 of each class, the epoch is 12 examples; too many per class or a
+  folder dataset is a clear error."""
+  from mae_jax.data import idx  # pylint: disable=import-outside-toplevel
+  grey = _coded_images(30, 32)[..., 0]
+  labels = np.arange(30) % 3
+  images = _idx(tmp_path / "train-images-idx3-ubyte.gz", grey)
+  _idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+  idx.write_image_folder(images, str(tmp_path / "train-labels-idx1-ubyte.gz"),
+                         str(tmp_path / "folder"), per_class=4)
+  written = sorted(int(p.stem) for p in (tmp_path / "folder").glob("*/*.png"))
+  config = _config(tiny_config, images)
+  config.data.per_class = 4
+  assert data.check_data(config).startswith("12 images (4 per class, seed 0) of 30 32x32x1")
+  assert data.dataset_info(config) == (12, 3)
+  subset = arrays.train_arrays(config.data)
+  np.testing.assert_array_equal(subset.images, grey[written][..., None])
+  np.testing.assert_array_equal(subset.labels, labels[written])
+  assert np.bincount(subset.labels).tolist() == [4, 4, 4]
+  config.data.per_class = 11
+  with pytest.raises(cli.USER_ERRORS, match=r"per_class=11 of 30 32x32x1 images, 3 classes "
+                                            r"from \S+: class 0 has 10 examples"):
+    data.check_data(config)
+  config.data.update(per_class=4, dataset="image_folder", folder=str(tmp_path / "folder"))
+  with pytest.raises(cli.USER_ERRORS, match=r"per_class=4 is read by dataset='arrays' only"):
+    data.check_data(config)

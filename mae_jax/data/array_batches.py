@@ -120,3 +120,11 @@ def eval_batches(arrays, config, *, subset=None, process_index, process_count):
     labels = (np.full(batch, -1) if arrays.labels is None else arrays.labels[picked])
     yield {"images": _finish(images, data.ship_uint8), "label": np.where(valid, labels, -1)
            .astype(np.int32), "valid": valid, "index": np.where(valid, where, -1).astype(np.int32)}
+
+
+def preview_images(data, count, size):
+  """The first `count` evaluation images (the training images when there are none), under
+  the evaluation transform, normalised float32 (count, S, S, 3): what the pictures show."""
+  found = arrays_lib.eval_arrays(data) if data.get("eval_arrays") else arrays_lib.train_arrays(data)
+  picked = found.images[np.arange(count) % len(found)]
+  return _finish(resample.eval_resize(picked, size, antialias=data.antialias), False)

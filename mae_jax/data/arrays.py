@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from mae_jax.data import idx
 from mae_jax.data.idx import read_idx
 
 ARRAYS = "arrays"
@@ -132,8 +133,27 @@ def load_arrays(images_path, labels_path="", *, prefix=""):
 
 
 def train_arrays(data):
-  """The training `Arrays` of `config.data`."""
+  """The training `Arrays` of `config.data` (`data.per_class` > 0: a fixed subset of it)."""
+  per_class = data.get("per_class", 0)
+  if per_class > 0:
+    return per_class_subset(data.arrays, data.labels, per_class)
   return load_arrays(data.arrays, data.labels)
+
+
+@functools.cache
+def per_class_subset(images_path, labels_path, per_class):
+  """`per_class` images of every class: the seed-0 subset that `python -m mae_jax.data.idx
+  --per_class` writes as a folder (both sources train on the same images)."""
+  found = load_arrays(images_path, labels_path)
+  field = f"config.data.per_class={per_class}"
+  if found.labels is None:
+    raise ValueError(f"{field} needs labels: {found.description}")
+  try:
+    ids = idx.select_per_class(found.labels, per_class)
+  except ValueError as e:
+    raise ValueError(f"{field} of {found.description}: {e}") from None
+  return Arrays(found.images[ids], found.labels[ids],
+                f"{len(ids):,} images ({per_class} per class, seed 0) of {found.description}")
 
 
 def eval_arrays(data):

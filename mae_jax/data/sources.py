@@ -216,6 +216,10 @@ def check_data(config):
   if data.crop not in CROPS:
     raise ValueError(f"config.data.crop={data.crop!r}: expected one of {CROPS}")
   image_size(config)
+  if data.get("per_class", 0) and data.dataset != arrays.ARRAYS:
+    raise ValueError(f"config.data.per_class={data.per_class} is read by dataset="
+                     f"{arrays.ARRAYS!r} only (config.data.dataset={data.dataset!r}); for an "
+                     "image folder write the subset with python -m mae_jax.data.idx --per_class")
   if data.dataset == BUNDLED:
     return f"{len(bundled_photos())} bundled photos"
   if data.dataset == FOLDER:

@@ -1,5 +1,6 @@
 """Pre-training: the MAE, its loss on per-example masks, AdamW, reconstruction pictures."""
 
+import logging
 import os
 
 import jax
@@ -8,7 +9,10 @@ from flax import nnx
 
 from mae_jax import data, evaluators, flops, imaging, optim, patches, pictures
 from mae_jax import model as model_lib
+from mae_jax.data import array_batches
 from mae_jax.weights import keys, load
+
+log = logging.getLogger(__name__)
 
 
 class Pretrain:
@@ -100,14 +104,20 @@ def _file_overrides(model_cfg):
 
 
 def picture(config, model, writer, step, path):
-  """Reconstructions of the preview photos (host `model`) to TensorBoard (and `path`)."""
+  """Reconstructions of the preview images (host `model`) to TensorBoard (and `path`), and one
+  log line: their masked-patch PSNR against the mean-colour oracle (`pictures.masked_psnr`).
+  The images: the first evaluation images of in-memory arrays, else the bundled photos."""
   if jax.process_index() != 0:  # only process 0 writes; the others would compile op by op
     return path
-  size = model.config.img_size
-  grid = pictures.reconstruction_grid(
-      model, data.preview_images(config.num_preview_images, size),
-      key=jax.random.key(config.seed), scale=max(1, 224 // size))
+  size, count = model.config.img_size, config.num_preview_images
+  images = (array_batches.preview_images(config.data, count, size)
+            if config.data.dataset == data.ARRAYS else data.preview_images(count, size))
+  grid, (model_db, oracle_db) = pictures.preview(
+      model, images, key=jax.random.key(config.seed), scale=max(1, 224 // size))
   writer.image(step, "reconstructions", grid)
+  writer.scalars(step, {"preview/psnr": model_db, "preview/psnr_oracle": oracle_db})
+  log.info("step %d preview: masked-patch PSNR %.2f dB, mean-colour oracle %.2f dB (%+.2f dB)",
+           step, model_db, oracle_db, model_db - oracle_db)
   if path:
     pictures.save_png(grid, path)
   return path
