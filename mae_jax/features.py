@@ -57,7 +57,8 @@ def extract(model, paths, *, pool="cls", batch_size=64, progress=True):
                              "{rate_fmt}")
   out = []
   for start in range(0, len(paths), batch_size):
-    images = imaging.load_batch(paths[start:start + batch_size], model.config.img_size)
+    images = imaging.load_batch(paths[start:start + batch_size], model.config.img_size,
+                                model.config.in_chans)
     count = images.shape[0]
     if count < batch_size:  # one static shape: one compilation
       images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:],

@@ -11,7 +11,6 @@ from etils import epath
 from PIL import Image
 
 from mae_jax import imaging, losses, patches, summaries
-from mae_jax.imaging import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax import model as model_lib
 
 MASKED_GRAY = 0.35  # brightness (0..1) shown in place of removed patches
@@ -30,7 +29,8 @@ def reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss):
   if norm_pix_loss:
     pred = losses.denormalize_patches(pred, target)
   removed = jnp.asarray(mask)[:, :, None] > 0
-  gray = ((MASKED_GRAY - imaging.IMAGENET_MEAN) / imaging.IMAGENET_STD)
+  mean, std = imaging.stats(channels)
+  gray = (MASKED_GRAY - mean) / std
   gray_patches = jnp.tile(jnp.asarray(gray), patch_size * patch_size)
   to_image = lambda x: patches.unpatchify(x, patch_size, grid, channels)
   masked = to_image(jnp.where(removed, gray_patches, target))
@@ -40,8 +40,9 @@ def reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss):
 
 
 def to_unit(images):
-  """Normalised (..., 3) -> pixel values in [0, 1] (float64, clipped: what a picture shows)."""
-  pixels = np.asarray(images, np.float64) * IMAGENET_STD + IMAGENET_MEAN
+  """Normalised (..., C) -> pixel values in [0, 1] (float64, clipped: what a picture shows)."""
+  mean, std = imaging.stats(images.shape[-1])
+  pixels = np.asarray(images, np.float64) * std + mean
   return np.clip(pixels, 0.0, 1.0)
 
 
@@ -74,8 +75,8 @@ def masked_psnr(images, pred, mask, patch_size, norm_pix_loss):
 
 
 def grid_image(panels, gap=2):
-  """Panels of normalised (B, H, W, 3) -> one uint8 picture, a row per image."""
-  columns = [imaging.denormalize(p) for p in panels]
+  """Panels of normalised (B, H, W, 3 or 1) -> one uint8 RGB picture, a row per image."""
+  columns = [np.broadcast_to(imaging.denormalize(p), p.shape[:3] + (3,)) for p in panels]
   batch, height, width, _ = columns[0].shape
   canvas = np.full((batch * (height + gap) + gap, len(columns) * (width + gap) + gap, 3), 255,
                    np.uint8)

@@ -43,9 +43,9 @@ def main(argv=None):
   loaded = cli.load_from_flags(args, require_decoder=True)
   mc = loaded.model.config
   if args.images:
-    images = imaging.load_batch(args.images, mc.img_size)
+    images = imaging.load_batch(args.images, mc.img_size, mc.in_chans)
   else:
-    images = photos.preview_images(args.num_images, mc.image_shape[0])
+    images = photos.preview_images(args.num_images, mc.image_shape[0], mc.in_chans)
   scale = args.scale or max(1, 224 // mc.image_shape[0])
   picture, mask = render(loaded.model, images, mask_ratio=args.mask_ratio,
                          sampler=args.sampler, seed=args.seed, scale=scale)

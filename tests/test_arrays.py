@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from mae_jax import cli, data
+from mae_jax import cli, data, imaging
 from mae_jax.data import array_batches, arrays, resample
 
 
@@ -280,4 +280,45 @@ def test_per_class_subset_is_the_idx_folder_subset(tiny_config, tmp_path):
     data.check_data(config)
   config.data.update(per_class=4, dataset="image_folder", folder=str(tmp_path / "folder"))
   with pytest.raises(cli.USER_ERRORS, match=r"per_class=4 is read by dataset='arrays' only"):
+    data.check_data(config)
+
+
+def test_pictures_of_arrays_show_the_first_evaluation_images(tiny_config, tmp_path):
+  """The preview images of an in-memory pre-training: the first eval images under the
+  evaluation transform (the training images when there are no eval images)."""
+  np.savez(tmp_path / "train.npz", images=_coded_images(10, 32), labels=np.arange(10) % 2)
+  np.savez(tmp_path / "test.npz", images=_coded_images(5, 32)[::-1].copy())
+  config = _config(tiny_config, str(tmp_path / "train.npz"))
+  shown = array_batches.preview_images(config.data, 3, 32)
+  assert shown.shape == (3, 32, 32, 3) and shown.dtype == np.float32
+  np.testing.assert_array_equal(imaging.denormalize(shown)[:, 0, 0, 0], [0, 1, 2])
+  config.data.eval_arrays = str(tmp_path / "test.npz")
+  shown = array_batches.preview_images(config.data, 7, 32)  # wraps around the 5 images
+  np.testing.assert_array_equal(imaging.denormalize(shown)[:, 0, 0, 0], [4, 3, 2, 1, 0, 4, 3])
+
+
+def test_one_grey_channel_for_grey_arrays_only(tiny_config, tmp_path):
+  """model.in_chans=1 on grey arrays: 1-channel batches, normalised with the grey mean / std
+  (the means of ImageNet's RGB ones); RGB arrays or another source with in_chans=1: an error."""
+  grey = _coded_images(24, 32)[..., 0]  # image i: every pixel i
+  images = _idx(tmp_path / "train-images-idx3-ubyte.gz", grey)
+  config = _config(tiny_config, images)
+  config.model.in_chans = 1
+  config.data.ship_uint8 = False
+  data.check_data(config)
+  batch = next(data.create_pretrain_iterator(config, process_index=0, process_count=1))
+  assert batch["images"].shape == (12, 32, 32, 1)
+  pixels = (batch["images"] * 0.226 + 0.449) * 255  # centre crop 32 -> 32: the image itself
+  ids = np.round(pixels[:, 0, 0, 0])
+  np.testing.assert_allclose(pixels, np.broadcast_to(ids[:, None, None, None], pixels.shape),
+                             atol=1e-3)
+  assert len(set(ids)) == 12 and set(ids) <= set(range(24))
+  np.save(tmp_path / "rgb.npy", _coded_images(4, 32))
+  config.data.arrays = str(tmp_path / "rgb.npy")
+  with pytest.raises(cli.USER_ERRORS, match=r"in_chans=1: 4 32x32x3 images, no labels from "
+                                            r"\S+rgb.npy are RGB: expected in_chans=3$"):
+    data.check_data(config)
+  config.data.update(dataset="bundled_photos")
+  with pytest.raises(cli.USER_ERRORS, match=r"in_chans=1: dataset='bundled_photos' delivers "
+                                            r"RGB images"):
     data.check_data(config)

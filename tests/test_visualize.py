@@ -126,33 +126,37 @@ def _hand_psnr(pixels, filled, removed_patches):
   for b, row, col in removed_patches:
     for y in range(row * 2, row * 2 + 2):
       for x in range(col * 2, col * 2 + 2):
-        for c in range(3):
+        for c in range(pixels.shape[-1]):
           total += (filled[b][y, x, c] - pixels[b][y, x, c]) ** 2
           count += 1
   return 10 * np.log10(1.0 / (total / count))
 
 
-@pytest.mark.parametrize("norm_pix", [False, True])
-def test_masked_psnr_against_a_hand_computation(norm_pix):
+@pytest.mark.parametrize("norm_pix,channels", [(False, 3), (True, 3), (True, 1)])
+def test_masked_psnr_against_a_hand_computation(norm_pix, channels):
   """Masked-patch PSNR and the mean-colour oracle's on 2 random 4x4 images, 2 px patches."""
   from mae_jax import pictures
   rng = np.random.default_rng(0)
-  pixels = rng.uniform(0.05, 0.95, (2, 4, 4, 3))            # [0, 1], inside the clip range
-  images = (pixels - imaging.IMAGENET_MEAN) / imaging.IMAGENET_STD
-  pred = rng.normal(0, 0.3, (2, 4, 12)).astype(np.float32)
+  pixels = rng.uniform(0.05, 0.95, (2, 4, 4, channels))     # [0, 1], inside the clip range
+  mean, std = ((imaging.IMAGENET_MEAN, imaging.IMAGENET_STD) if channels == 3 else
+               (np.float32([0.449]), np.float32([0.226])))
+  images = (pixels - mean) / std
+  pred = rng.normal(0, 0.3, (2, 4, 4 * channels)).astype(np.float32)
   mask = np.array([[1, 0, 1, 1], [0, 1, 0, 0]], np.float32)
   removed = [(b, i // 2, i % 2) for b in range(2) for i in range(4) if mask[b, i]]
   filled_model, filled_oracle = [p.copy() for p in pixels], [p.copy() for p in pixels]
   for b, row, col in removed:
     block = pixels[b][row * 2:row * 2 + 2, col * 2:col * 2 + 2]
-    guess = pred[b, row * 2 + col].reshape(2, 2, 3)       # (row, col, chan) in a patch
+    guess = pred[b, row * 2 + col].reshape(2, 2, channels)  # (row, col, chan) in a patch
     if norm_pix:  # the patch's own mean / unbiased variance, in normalised space
       target = images[b][row * 2:row * 2 + 2, col * 2:col * 2 + 2]
       guess = guess * np.sqrt(target.var(ddof=1) + 1e-6) + target.mean()
-    guess = np.clip(guess * imaging.IMAGENET_STD + imaging.IMAGENET_MEAN, 0, 1)
+    guess = np.clip(guess * std + mean, 0, 1)
     filled_model[b][row * 2:row * 2 + 2, col * 2:col * 2 + 2] = guess
     filled_oracle[b][row * 2:row * 2 + 2, col * 2:col * 2 + 2] = block.mean(axis=(0, 1))
   model_db, oracle_db = pictures.masked_psnr(images, pred, mask, 2, norm_pix)
   np.testing.assert_allclose(model_db, _hand_psnr(pixels, filled_model, removed), atol=1e-4)
   np.testing.assert_allclose(oracle_db, _hand_psnr(pixels, filled_oracle, removed), atol=1e-4)
   assert pictures.psnr(0.01) == pytest.approx(20.0)
+  picture = pictures.grid_image(pictures.reconstruction_panels(images, pred, mask, 2, norm_pix))
+  assert picture.shape == (2 * 6 + 2, 4 * 6 + 2, 3)  # RGB whatever the channels

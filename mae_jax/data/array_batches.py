@@ -17,9 +17,9 @@ from mae_jax.imaging import normalize
 
 AHEAD = 3  # batches prepared ahead of the one asked for
 
-def _finish(images, ship_uint8):
-  """uint8 (B, S, S, 1 or 3) -> 3 channels, uint8 or float32 normalised."""
-  if images.shape[-1] == 1:
+def _finish(images, ship_uint8, channels):
+  """uint8 (B, S, S, 1 or 3) -> `channels` (grey repeated to 3), uint8 or float32 normalised."""
+  if images.shape[-1] != channels:
     images = np.repeat(images, 3, axis=-1)
   return images if ship_uint8 else normalize(images)
 
@@ -30,7 +30,7 @@ class ArrayBatches:
   def __init__(self, arrays, config, *, process_index, process_count, start_step=0):
     data = config.data
     arrays_lib.check_augment(data)
-    arrays_lib.check_channels(config.model.in_chans)
+    arrays_lib.check_channels(config.model.in_chans, arrays)
     self.arrays = arrays
     self.global_batch = config.batch_size
     self.process_index, self.process_count = process_index, process_count
@@ -38,6 +38,7 @@ class ArrayBatches:
     self.seed, self.size = config.seed, config.model.img_size
     self.crop, self.scale, self.ratio = data.crop, tuple(data.crop_scale), tuple(data.crop_ratio)
     self.hflip, self.antialias, self.ship_uint8 = data.hflip, data.antialias, data.ship_uint8
+    self.channels = config.model.in_chans
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="array_batches")
     self._ahead, self._epochs = {}, {}
     self.step = start_step
@@ -89,7 +90,8 @@ class ArrayBatches:
       labels.append(np.zeros(len(ids), np.int64) - 1 if self.arrays.labels is None
                     else self.arrays.labels[ids])
     images = np.concatenate(images) if len(images) > 1 else images[0]
-    return {"images": _finish(images, self.ship_uint8), "index": order.int32_ids(positions),
+    return {"images": _finish(images, self.ship_uint8, self.channels),
+            "index": order.int32_ids(positions),
             "label": np.concatenate(labels).astype(np.int32)}
 
   def __next__(self):
@@ -106,7 +108,7 @@ def eval_batches(arrays, config, *, subset=None, process_index, process_count):
   in that order): the evaluation transform; `valid` False and `index` -1 on the padding that
   gives every process the same number of batches (`create_eval_iterator`'s contract)."""
   data = config.data
-  arrays_lib.check_channels(config.model.in_chans)
+  arrays_lib.check_channels(config.model.in_chans, arrays)
   ids = np.arange(len(arrays)) if subset is None else np.asarray(subset, np.int64)
   batch = order.local_batch(config.batch_size, process_count)
   start, end = order.process_range(len(ids), process_index, process_count)
@@ -118,13 +120,15 @@ def eval_batches(arrays, config, *, subset=None, process_index, process_count):
     picked = ids[np.where(valid, where, start)] if end > start else np.zeros(batch, np.int64)
     images = resample.eval_resize(arrays.images[picked], size, antialias=data.antialias)
     labels = (np.full(batch, -1) if arrays.labels is None else arrays.labels[picked])
-    yield {"images": _finish(images, data.ship_uint8), "label": np.where(valid, labels, -1)
-           .astype(np.int32), "valid": valid, "index": np.where(valid, where, -1).astype(np.int32)}
+    yield {"images": _finish(images, data.ship_uint8, config.model.in_chans),
+           "label": np.where(valid, labels, -1).astype(np.int32), "valid": valid,
+           "index": np.where(valid, where, -1).astype(np.int32)}
 
 
-def preview_images(data, count, size):
+def preview_images(data, count, size, channels=3):
   """The first `count` evaluation images (the training images when there are none), under
   the evaluation transform, normalised float32 (count, S, S, 3): what the pictures show."""
-  found = arrays_lib.eval_arrays(data) if data.get("eval_arrays") else arrays_lib.train_arrays(data)
+  found = (arrays_lib.eval_arrays(data) if data.get("eval_arrays")
+           else arrays_lib.train_arrays(data))
   picked = found.images[np.arange(count) % len(found)]
-  return _finish(resample.eval_resize(picked, size, antialias=data.antialias), False)
+  return _finish(resample.eval_resize(picked, size, antialias=data.antialias), False, channels)

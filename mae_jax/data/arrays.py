@@ -165,9 +165,12 @@ def eval_arrays(data):
   return load_arrays(data.eval_arrays, data.get("eval_labels", ""), prefix="eval_")
 
 
-def check_channels(in_chans):
-  """Batches carry 3 channels (grey images repeated), normalised with the ImageNet RGB
-  mean / std like every other source; another `in_chans` is a clear error."""
-  if in_chans != 3:
-    raise ValueError(f"config.model.in_chans={in_chans}: the input pipelines deliver RGB "
-                     "(grey images repeated to 3 channels, ImageNet mean / std): expected 3")
+def check_channels(in_chans, found):
+  """Batches of `found` carry 3 channels (grey images repeated; ImageNet mean / std), or, for
+  grey images and `in_chans` = 1, one (`imaging.GREY_MEAN` / `GREY_STD`); else a clear error."""
+  grey = found.images.shape[-1] == 1
+  if in_chans == 3 or (in_chans == 1 and grey):
+    return
+  raise ValueError(f"config.model.in_chans={in_chans}: {found.description} are "
+                   f"{'grey' if grey else 'RGB'}: expected in_chans=3"
+                   + (" or 1" if grey else ""))

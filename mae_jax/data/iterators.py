@@ -48,6 +48,7 @@ class PhotoBatches:
     self.scale, self.ratio, self.hflip, self.crop = tuple(scale), tuple(ratio), hflip, crop
     self.ship_uint8 = ship_uint8
     self.step = start_step
+    self._centers = None  # the photos' centre crops, made on first use
 
   def __iter__(self):
     return self
@@ -67,16 +68,25 @@ class PhotoBatches:
       view = resize(photo, self.image_size, fixed_size_crop_box(rng, *photo.shape[:2]))
     else:
       view = center_crop(photo, self.image_size)
-    if self.hflip and rng.random() < 0.5:
-      view = view[:, ::-1]
-    return view
+    return self._flip(rng, view)
+
+  def _flip(self, rng, view):
+    return view[:, ::-1] if self.hflip and rng.random() < 0.5 else view
+
+  def _view(self, rng, which):
+    """`augment` of photo `which`; a centre crop (the same for every view) is resized once."""
+    if self.crop != "center":
+      return self.augment(rng, self.photos[which])
+    if self._centers is None:
+      self._centers = [center_crop(p, self.image_size) for p in self.photos]
+    return self._flip(rng, self._centers[which])
 
   def __next__(self):
     ids = self.step * self.global_batch + self.offset + np.arange(self.batch_size)
     views = []
     for i in ids:
       rng = np.random.default_rng([self.seed, int(i)])
-      views.append(self.augment(rng, self.photos[rng.integers(len(self.photos))]))
+      views.append(self._view(rng, rng.integers(len(self.photos))))
     images = np.stack(views)
     self.step += 1
     return {"images": images if self.ship_uint8 else normalize(images), "index": order.int32_ids(ids)}

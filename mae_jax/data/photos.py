@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from mae_jax.imaging import center_crop, load_image, normalize
+from mae_jax.imaging import center_crop, load_image, normalize, to_channels
 
 BUNDLED = "bundled_photos"  # the config.data.dataset value
 
@@ -38,8 +38,8 @@ def bundled_photos():
   return tuple(photos)
 
 
-def preview_images(count, image_size):
-  """`count` fixed, centre-cropped bundled photos, normalised: (count, S, S, 3) float32."""
+def preview_images(count, image_size, channels=3):
+  """`count` fixed, centre-cropped bundled photos, normalised: (count, S, S, channels)."""
   photos = bundled_photos()
   picks = [photos[i % len(photos)] for i in range(count)]
-  return normalize(np.stack([center_crop(p, image_size) for p in picks]))
+  return normalize(to_channels(np.stack([center_crop(p, image_size) for p in picks]), channels))

@@ -220,6 +220,10 @@ def check_data(config):
     raise ValueError(f"config.data.per_class={data.per_class} is read by dataset="
                      f"{arrays.ARRAYS!r} only (config.data.dataset={data.dataset!r}); for an "
                      "image folder write the subset with python -m mae_jax.data.idx --per_class")
+  if data.dataset != arrays.ARRAYS and config.model.in_chans != 3:
+    raise ValueError(f"config.model.in_chans={config.model.in_chans}: dataset="
+                     f"{data.dataset!r} delivers RGB images (grey ones repeated): expected 3; "
+                     f"one grey channel is read from dataset={arrays.ARRAYS!r} (grey arrays)")
   if data.dataset == BUNDLED:
     return f"{len(bundled_photos())} bundled photos"
   if data.dataset == FOLDER:
@@ -227,9 +231,9 @@ def check_data(config):
     return f"{len(paths)} images in {len(classes)} classes under {data.folder}"
   if data.dataset == arrays.ARRAYS:
     arrays.check_augment(data)
-    arrays.check_channels(config.model.in_chans)
+    arrays.check_channels(config.model.in_chans, arrays.train_arrays(data))
     if data.get("eval_arrays"):
-      arrays.eval_arrays(data)
+      arrays.check_channels(config.model.in_chans, arrays.eval_arrays(data))
     return arrays.train_arrays(data).description
   builder = tfds_builder(data)
   if not builder.is_prepared():

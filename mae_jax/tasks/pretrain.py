@@ -110,7 +110,7 @@ def picture(config, model, writer, step, path):
   if jax.process_index() != 0:  # only process 0 writes; the others would compile op by op
     return path
   size, count = model.config.img_size, config.num_preview_images
-  images = (array_batches.preview_images(config.data, count, size)
+  images = (array_batches.preview_images(config.data, count, size, model.config.in_chans)
             if config.data.dataset == data.ARRAYS else data.preview_images(count, size))
   grid, (model_db, oracle_db) = pictures.preview(
       model, images, key=jax.random.key(config.seed), scale=max(1, 224 // size))

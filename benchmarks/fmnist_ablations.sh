@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Short Fashion-MNIST pre-training ablations: each variant of configs/fmnist_pretrain.py
+# pre-trains for EPOCHS epochs, then the fast linear probe (logistic regression, cls token)
+# and k-NN of its final encoder on all 60k train / 10k test images; one table row each.
+#
+#   bash benchmarks/fmnist_ablations.sh                     # every variant below
+#   bash benchmarks/fmnist_ablations.sh base patch7         # some of them
+#
+# Environment: WORK=/tmp/fmnist_ablations (runs/<name>, logs/<name>.log), EPOCHS=3, SEED=0,
+# PYTHON=python. A variant whose log holds its probe result is not run again.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+WORK=${WORK:-/tmp/fmnist_ablations}
+EPOCHS=${EPOCHS:-3}
+SEED=${SEED:-0}
+PYTHON=${PYTHON:-python}
+STEPS=$((EPOCHS * 234))  # 60,000 images / batch 256
+mkdir -p "$WORK/runs" "$WORK/logs"
+
+declare -A VARIANT=(
+  [base]=""                                              # norm-pix, patch 4, decoder 64 x 2
+  [no_norm_pix]="norm_pix_loss=False"
+  [decoder_128x4]="decoder_embed_dim=128,decoder_depth=4"
+  [decoder_32x1]="decoder_embed_dim=32,decoder_depth=1,decoder_num_heads=2"
+  [patch7]="patch_size=7"
+  [crop_0.5]="data.crop_scale=(0.5,1.0)"
+  [no_crop]="data.crop=center"
+)
+ORDER=(base no_norm_pix decoder_128x4 decoder_32x1 patch7 crop_0.5 no_crop)
+[ $# -gt 0 ] && ORDER=("$@")
+PROBE="evals.fewshot.every_steps=0,evals.knn.every_steps=-1,evals.linear.every_steps=-1"
+for e in linear knn; do PROBE+=",evals.$e.train_examples=60000,evals.$e.eval_examples=10000"; done
+
+echo "== $(date -u '+%F %T') UTC; $(lscpu | grep 'Model name' | sed 's/  */ /g'); $(nproc) cores;" \
+  "$EPOCHS epochs ($STEPS steps) each, seed $SEED"
+for name in "${ORDER[@]}"; do
+  if [ -z "${VARIANT[$name]+set}" ]; then echo "error: no variant $name (${!VARIANT[*]})"; exit 2; fi
+  log="$WORK/logs/$name.log"
+  if [ -f "$log" ] && grep -q "linear/top1" "$log"; then echo "== $name: already done"; continue; fi
+  args="seed=$SEED,total_steps=$STEPS,warmup_steps=$((STEPS / 20)),$PROBE${VARIANT[$name]:+,${VARIANT[$name]}}"
+  echo "== $name: $PYTHON -m mae_jax.main --config=configs/fmnist_pretrain.py:$args"
+  start=$(date +%s)
+  $PYTHON -m mae_jax.main --config="configs/fmnist_pretrain.py:$args" \
+    --workdir="$WORK/runs/$name" > "$log" 2>&1 || { echo "== $name FAILED"; tail -20 "$log"; }
+  echo "$(( $(date +%s) - start ))" > "$log.wall"
+done
+
+echo
+echo "| variant | overrides | final loss | img/s | linear probe (cls) | k-NN (cls) | wall s |"
+echo "|---|---|---|---|---|---|---|"
+for name in "${ORDER[@]}"; do
+  log="$WORK/logs/$name.log"
+  get() { grep -o "$1 [0-9.]*" "$log" 2>/dev/null | tail -1 | awk '{print $NF}'; }
+  ips=$(grep -o '[0-9.]* img/s' "$log" 2>/dev/null | tail -1 | awk '{print $1}')
+  echo "| $name | ${VARIANT[$name]:-(none)} | $(get '/[0-9]*  loss') | $ips |" \
+    "$(get linear/top1) | $(get knn/top1) | $(cat "$log.wall" 2>/dev/null) |"
+done
