@@ -17,16 +17,18 @@ PYTHON=${PYTHON:-python}
 STEPS=$((EPOCHS * 234))  # 60,000 images / batch 256
 mkdir -p "$WORK/runs" "$WORK/logs"
 
+# Each variant: --config.<field>=value flags on top of the pre-training config.
 declare -A VARIANT=(
-  [base]=""                                              # norm-pix, patch 4, decoder 64 x 2
-  [no_norm_pix]="norm_pix_loss=False"
-  [decoder_128x4]="decoder_embed_dim=128,decoder_depth=4"
-  [decoder_32x1]="decoder_embed_dim=32,decoder_depth=1,decoder_num_heads=2"
-  [patch7]="patch_size=7"
-  [crop_0.5]="data.crop_scale=(0.5,1.0)"
-  [no_crop]="data.crop=center"
+  [base]=""                                       # norm-pix, patch 4, 3 grey copies, decoder 64 x 2
+  [in_chans_1]="--config.model.in_chans=1"        # one grey channel instead of 3 copies
+  [no_norm_pix]="--config.model.norm_pix_loss=False"
+  [decoder_128x4]="--config.model.decoder_embed_dim=128 --config.model.decoder_depth=4"
+  [decoder_32x1]="--config.model.decoder_embed_dim=32 --config.model.decoder_depth=1 --config.model.decoder_num_heads=2"
+  [patch7]="--config.model.patch_size=7"
+  [crop_0.5]="--config.data.crop_scale=(0.5,1.0)"
+  [no_crop]="--config.data.crop=center"
 )
-ORDER=(base no_norm_pix decoder_128x4 decoder_32x1 patch7 crop_0.5 no_crop)
+ORDER=(base in_chans_1 no_norm_pix decoder_128x4 decoder_32x1 patch7 crop_0.5 no_crop)
 [ $# -gt 0 ] && ORDER=("$@")
 PROBE="evals.fewshot.every_steps=0,evals.knn.every_steps=-1,evals.linear.every_steps=-1"
 for e in linear knn; do PROBE+=",evals.$e.train_examples=60000,evals.$e.eval_examples=10000"; done
@@ -37,10 +39,11 @@ for name in "${ORDER[@]}"; do
   if [ -z "${VARIANT[$name]+set}" ]; then echo "error: no variant $name (${!VARIANT[*]})"; exit 2; fi
   log="$WORK/logs/$name.log"
   if [ -f "$log" ] && grep -q "linear/top1" "$log"; then echo "== $name: already done"; continue; fi
-  args="seed=$SEED,total_steps=$STEPS,warmup_steps=$((STEPS / 20)),$PROBE${VARIANT[$name]:+,${VARIANT[$name]}}"
-  echo "== $name: $PYTHON -m mae_jax.main --config=configs/fmnist_pretrain.py:$args"
+  args="seed=$SEED,total_steps=$STEPS,warmup_steps=$((STEPS / 20)),$PROBE"
+  read -r -a flags <<< "${VARIANT[$name]}"
+  echo "== $name: $PYTHON -m mae_jax.main --config=configs/fmnist_pretrain.py:$args ${flags[*]}"
   start=$(date +%s)
-  $PYTHON -m mae_jax.main --config="configs/fmnist_pretrain.py:$args" \
+  $PYTHON -m mae_jax.main --config="configs/fmnist_pretrain.py:$args" "${flags[@]}" \
     --workdir="$WORK/runs/$name" > "$log" 2>&1 || { echo "== $name FAILED"; tail -20 "$log"; }
   echo "$(( $(date +%s) - start ))" > "$log.wall"
 done
