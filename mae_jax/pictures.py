@@ -51,14 +51,6 @@ def psnr(mse):
   return float(10.0 * np.log10(1.0 / max(float(mse), 1e-12)))
 
 
-def _patch_pixels(images, patch_size):
-  """(B, H, W, C) -> (B, L, p*p, C) in patchify's order (rows of patches, then pixels)."""
-  b, h, w, c = images.shape
-  gh, gw = h // patch_size, w // patch_size
-  x = images.reshape(b, gh, patch_size, gw, patch_size, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * gw, patch_size * patch_size, c)
-
-
 def masked_psnr(images, pred, mask, patch_size, norm_pix_loss):
   """(model dB, oracle dB): PSNR over the removed patches' pixels, in [0, 1] pixel space.
 
@@ -66,10 +58,18 @@ def masked_psnr(images, pred, mask, patch_size, norm_pix_loss):
   variance, as in the pictures) against an oracle that fills each removed patch with its
   true mean colour (per channel). The errors of all images' removed pixels are pooled.
   """
-  original, _, recon, _ = reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss)
+  panels = reconstruction_panels(images, pred, mask, patch_size, norm_pix_loss)
+  return panels_psnr(panels, mask, patch_size)
+
+
+def panels_psnr(panels, mask, patch_size):
+  """`masked_psnr` of the panels `reconstruction_panels` made."""
+  original, _, recon, _ = panels
+  channels = original.shape[-1]
   removed = np.asarray(mask) > 0
-  truth = _patch_pixels(to_unit(original), patch_size)[removed]   # (M, p*p, C)
-  guess = _patch_pixels(to_unit(recon), patch_size)[removed]
+  per_pixel = lambda x: np.asarray(patches.patchify(to_unit(x), patch_size)).reshape(
+      *removed.shape, -1, channels)[removed]                       # (M, p*p, C)
+  truth, guess = per_pixel(original), per_pixel(recon)
   oracle = truth.mean(axis=1, keepdims=True)
   return psnr(np.mean((guess - truth) ** 2)), psnr(np.mean((oracle - truth) ** 2))
 
@@ -96,11 +96,12 @@ def preview(model, images, *, key=None, noise=None, scale=1):
   """(picture uint8, (model dB, oracle dB) of `masked_psnr`) of `model` on normalised images."""
   _, pred, mask = model(jnp.asarray(images), noise=noise, key=key)
   size, norm_pix = model.config.patch_size, model.config.norm_pix_loss
-  picture = grid_image(reconstruction_panels(images, pred, mask, size, norm_pix))
+  panels = reconstruction_panels(images, pred, mask, size, norm_pix)
+  picture = grid_image(panels)
   if scale > 1:
     picture = np.asarray(Image.fromarray(picture).resize(
         (picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST))
-  return picture, masked_psnr(images, pred, mask, size, norm_pix)
+  return picture, panels_psnr(panels, mask, size)
 
 
 def save_png(picture, path):
