@@ -77,6 +77,8 @@ def sized_config(size, arg=None):
       crop="random_resized",    # random_resized | fixed_size | center (Table 1e ablations)
       crop_scale=(0.2, 1.0),    # RandomResizedCrop area fraction
       crop_ratio=(3 / 4, 4 / 3),
+      eval_crop=224 / 256,      # evaluation: the centre crop's share of the shorter side
+                                # (1.0: the whole image, e.g. 28 px Fashion-MNIST)
       hflip=True,
       antialias=True,           # bicubic shrinks like PIL (paper); False: 1.6x faster decoding
       color_jitter=0.0,         # > 0: brightness, contrast, saturation x U[1-s, 1+s] (e.g. 0.4)

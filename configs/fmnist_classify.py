@@ -69,7 +69,7 @@ def get_config(arg=None):
                      eval_arrays=fmnist_pretrain.idx_file("t10k", "images"),
                      folder=fmnist_pretrain.DEFAULT_FOLDER,
                      eval_folder=DEFAULT_EVAL_FOLDER, crop="random_resized",
-                     crop_scale=(0.35, 1.0), hflip=True, ship_uint8=True)
+                     crop_scale=(0.35, 1.0), hflip=True, ship_uint8=True, eval_crop=1.0)
   config.batch_size = 256
   config.eval_every = 500
   config.log_every = 50

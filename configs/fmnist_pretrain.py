@@ -53,7 +53,8 @@ def get_config(arg=None):
   config.data.update(dataset="arrays", arrays=idx_file("train", "images"),
                      eval_arrays=idx_file("t10k", "images"), folder=DEFAULT_FOLDER,
                      num_train_examples=60_000,
-                     crop="random_resized", crop_scale=(0.2, 1.0), hflip=True, ship_uint8=True)
+                     crop="random_resized", crop_scale=(0.2, 1.0), hflip=True, ship_uint8=True,
+                     eval_crop=1.0)
   config.batch_size = 256
   config.total_steps = 2000          # ~8.5 epochs of 60k; the script sets it from a timing
   config.warmup_steps = 100

@@ -89,6 +89,7 @@ FIELDS = {
     "data.arrays": STR, "data.labels": STR, "data.eval_arrays": STR, "data.eval_labels": STR,
     "data.per_class": COUNT,
     "data.eval_split": NAME, "data.crop": STR, "data.crop_scale": SCALE, "data.crop_ratio": RATIO,
+    "data.eval_crop": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
     "data.hflip": BOOL, "data.antialias": BOOL, "data.color_jitter": PROBABILITY,
     "data.rand_augment_ops": COUNT, "data.rand_augment_magnitude": NON_NEGATIVE,
     "data.rand_augment_std": NON_NEGATIVE, "data.random_erasing": PROBABILITY,

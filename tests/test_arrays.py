@@ -38,15 +38,24 @@ def test_batched_crop_resize_flip_matches_tf_resize(height, width, size, antiali
   assert diff.max() <= 1 and diff.mean() < 1e-3  # float32 rounding ties only
 
 
-def test_eval_resize_matches_the_tf_eval_transform():
+@pytest.mark.parametrize("fraction", [224 / 256, 1.0, 0.5])
+def test_eval_resize_matches_the_tf_eval_transform(fraction):
   tf, _ = data.tf_setup.tf_modules()
   rng = np.random.default_rng(1)
   for height, width, size in ((28, 28, 28), (37, 50, 24)):
     images = rng.integers(0, 256, (8, height, width, 3), dtype=np.uint8)
-    ours = resample.eval_resize(images, size)
-    ref = np.stack([data.eval_transform(tf.io.encode_png(im), size=size).numpy()
-                    for im in images])
+    ours = resample.eval_resize(images, size, fraction=fraction)
+    ref = np.stack([data.eval_transform(tf.io.encode_png(im), size=size,
+                                        fraction=fraction).numpy() for im in images])
     assert np.abs(ours.astype(int) - ref).max() <= 1
+
+
+def test_eval_crop_one_keeps_the_whole_image():
+  """data.eval_crop=1.0 at the image's own size is the identity; 224/256 drops the border."""
+  images = np.random.default_rng(2).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+  np.testing.assert_array_equal(resample.eval_resize(images, 28, fraction=1.0), images)
+  zoomed = resample.eval_resize(images, 28)  # 28 -> 32 px, the central 28
+  assert np.abs(zoomed.astype(int) - images).mean() > 20
 
 
 def _torchvision_box(draws, height, width, scale, ratio):

@@ -72,6 +72,7 @@ def _error(argv, restore=None):
       r"\(1.0, 0.2\)")),
     ((TINY, "--config.data.crop_scale=(0,0.5)"), r"crop_scale must be .* got \(0, 0.5\)"),
     ((TINY, "--config.data.crop_ratio=(0.75,)"), r"crop_ratio must be a pair .* got \(0.75,\)"),
+    ((TINY, "--config.data.eval_crop=1.2"), r"config.data.eval_crop must be a number in \(0, 1\]"),
     ((TINY, "--config.data.random_erasing=1.5"), r"random_erasing must be a number in \[0, 1\]"),
     ((TINY, "--config.data.color_jitter=-0.4"), r"color_jitter must be a number in \[0, 1\]"),
     ((TINY, "--config.data.num_parallel_calls=0"), "num_parallel_calls must be a positive int or"),

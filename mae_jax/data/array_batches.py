@@ -118,7 +118,8 @@ def eval_batches(arrays, config, *, subset=None, process_index, process_count):
     where = np.arange(start + first, start + first + batch)
     valid = where < end
     picked = ids[np.where(valid, where, start)] if end > start else np.zeros(batch, np.int64)
-    images = resample.eval_resize(arrays.images[picked], size, antialias=data.antialias)
+    images = resample.eval_resize(arrays.images[picked], size, antialias=data.antialias,
+                                  fraction=data.eval_crop)
     labels = (np.full(batch, -1) if arrays.labels is None else arrays.labels[picked])
     yield {"images": _finish(images, data.ship_uint8, config.model.in_chans),
            "label": np.where(valid, labels, -1).astype(np.int32), "valid": valid,
@@ -131,4 +132,5 @@ def preview_images(data, count, size, channels=3):
   found = (arrays_lib.eval_arrays(data) if data.get("eval_arrays")
            else arrays_lib.train_arrays(data))
   picked = found.images[np.arange(count) % len(found)]
-  return _finish(resample.eval_resize(picked, size, antialias=data.antialias), False, channels)
+  resized = resample.eval_resize(picked, size, antialias=data.antialias, fraction=data.eval_crop)
+  return _finish(resized, False, channels)

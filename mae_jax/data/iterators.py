@@ -340,7 +340,7 @@ def create_eval_iterator(config, *, split=None, files=None, subset=None, process
   def load(position, record):
     encoded, label = source.load(*record)
     image = eval_transform(encoded, size=size, antialias=data.antialias,
-                           ship_uint8=data.ship_uint8)
+                           ship_uint8=data.ship_uint8, fraction=data.eval_crop)
     return {"images": image, "label": tf.cast(label, tf.int32), "valid": True,
             "index": tf.cast(position + source.start, tf.int32)}
 

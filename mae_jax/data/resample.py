@@ -120,10 +120,10 @@ def crop_resize(images, boxes, size, *, flip=None, antialias=True):
   return apply_weights(images, wy, wx)
 
 
-def eval_resize(images, size, *, antialias=True):
-  """The evaluation transform: the shorter side to size * 256/224 (bicubic), centre crop."""
+def eval_resize(images, size, *, antialias=True, fraction=EVAL_CROP_FRACTION):
+  """The evaluation transform: the shorter side to size / fraction (bicubic), centre crop."""
   b, height, width = images.shape[:3]
-  short = round(size / EVAL_CROP_FRACTION)
+  short = round(size / fraction)
   new_h, new_w = (round(s * short / min(height, width)) for s in (height, width))
   weights = []
   for in_size, new in ((height, new_h), (width, new_w)):

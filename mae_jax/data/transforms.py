@@ -135,12 +135,13 @@ def pretrain_transform(encoded, seed, *, size, crop="random_resized", scale=(0.2
   return augment.random_erasing(_finish(tf, image, False), erase_seed, prob=random_erasing)
 
 
-def eval_transform(encoded, *, size, antialias=True, ship_uint8=True):
-  """Resize the shorter side to size * 256/224 (bicubic), then the central (size, size) crop."""
+def eval_transform(encoded, *, size, antialias=True, ship_uint8=True,
+                   fraction=EVAL_CROP_FRACTION):
+  """Resize the shorter side to size / fraction (bicubic), then the central (size, size) crop."""
   tf, _ = tf_modules()
   image = _decode_crop(tf, encoded, lambda h, w: (0, 0, h, w))
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  short = tf.cast(tf.round(size / EVAL_CROP_FRACTION), tf.float32)
+  short = tf.cast(tf.round(size / fraction), tf.float32)
   new = tf.cast(tf.round(shape * short / tf.reduce_min(shape)), tf.int32)
   image = _resize(tf, image, new, antialias)
   top, left = (new[0] - size) // 2, (new[1] - size) // 2
