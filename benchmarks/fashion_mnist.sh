@@ -6,14 +6,14 @@
 # random init. Every accuracy is top-1 on the 10k test images.
 #
 #   apt-get install dataset-fashion-mnist        # Debian (MIT): the idx files below
-#   bash benchmarks/fashion_mnist.sh             # ~70 minutes on 2 idle CPU cores
+#   bash benchmarks/fashion_mnist.sh             # ~75 minutes on 2 idle CPU cores
 #   SEED=1 WORK=/tmp/fmnist_seed1 bash benchmarks/fashion_mnist.sh   # the second seed
 #
 # The images are read from the idx files into host memory (data.dataset=arrays, no PNG).
 # Environment (defaults: benchmarks/RESULTS.md's run):
 #   WORK=/tmp/fmnist     runs/<name> workdirs, logs/<name>.log, evals/<name>.json
 #   SEED=0               config.seed of every run (masks, init, data order, augmentation)
-#   PRE_EPOCHS=16 LP_EPOCHS=4 FT_EPOCHS=6   epochs of pre-training / official linear probe /
+#   PRE_EPOCHS=30 LP_EPOCHS=10 FT_EPOCHS=12   epochs of pre-training / official linear probe /
 #                        fine-tuning (MAE and from scratch, the same budget)
 #   FEW_STEPS=200        steps of the 1%-label runs (batch 256 of the 600 images)
 #   EPOCH=234            steps per "epoch" above (e.g. EPOCH=10 FEW_STEPS=10: a smoke test)
@@ -23,9 +23,9 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 WORK=${WORK:-/tmp/fmnist}
 SEED=${SEED:-0}
-PRE_EPOCHS=${PRE_EPOCHS:-16}
-LP_EPOCHS=${LP_EPOCHS:-4}
-FT_EPOCHS=${FT_EPOCHS:-6}
+PRE_EPOCHS=${PRE_EPOCHS:-30}
+LP_EPOCHS=${LP_EPOCHS:-10}
+FT_EPOCHS=${FT_EPOCHS:-12}
 FEW_STEPS=${FEW_STEPS:-200}
 PYTHON=${PYTHON:-python}
 EPOCH=${EPOCH:-234}  # steps of one epoch: 60,000 images / batch 256 (smaller: a smoke test)

@@ -10,9 +10,12 @@ By default the images come straight from the idx files into host memory
 PNG files instead; `folder=` and `eval_folder=` are short for `data.folder=` /
 `data.eval_folder=` and switch to `data.dataset="image_folder"`.
 
-28 px grey images (as 3 equal channels) in 4 px patches: a 7x7 grid, 12 visible patches at
-mask ratio 0.75. A small ViT (128 wide, 4 deep, 4 heads) and a 64 x 2 decoder, sized to
-pre-train in ~15 minutes on 2 shared CPU cores. Any other field works as in configs/base.py.
+28 px grey images (as 3 equal channels) in 7 px patches: a 4x4 grid, 4 visible patches at
+mask ratio 0.75. A small ViT (128 wide, 4 deep, 4 heads) and a 64 x 2 decoder. 7 px patches
+rather than 4: a third of the tokens, ~3x the images per second in pre-training and ~4x in
+fine-tuning, so a 90-minute CPU budget holds ~4x the epochs (benchmarks/RESULTS.md compares).
+The evaluation and probe images are the whole 28 px image (`data.eval_crop=1.0`). Any other
+field works as in configs/base.py.
 """
 
 import os
@@ -29,7 +32,7 @@ def idx_file(split, what):
   return os.path.join(FASHION, f"{split}-{what}-idx{3 if what == 'images' else 1}-ubyte.gz")
 
 # The encoder shared with configs/fmnist_classify.py (its weights load there).
-ENCODER = dict(img_size=28, in_chans=3, patch_size=4, embed_dim=128, depth=4, num_heads=4,
+ENCODER = dict(img_size=28, in_chans=3, patch_size=7, embed_dim=128, depth=4, num_heads=4,
                mlp_ratio=4.0)
 
 
