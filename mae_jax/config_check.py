@@ -46,6 +46,7 @@ NON_NEGATIVE = ("a number >= 0", lambda v: _number(v) and v >= 0)
 POSITIVE = ("a number > 0", lambda v: _number(v) and v > 0)
 PROBABILITY = ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
 BELOW_ONE = ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
+FRACTION = ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1)
 BOOL = ("True or False", lambda v: isinstance(v, bool))
 STR = ("a string", lambda v: isinstance(v, str))
 NAME = ("a non-empty string", lambda v: isinstance(v, str) and bool(v))
@@ -89,7 +90,7 @@ FIELDS = {
     "data.arrays": STR, "data.labels": STR, "data.eval_arrays": STR, "data.eval_labels": STR,
     "data.per_class": COUNT,
     "data.eval_split": NAME, "data.crop": STR, "data.crop_scale": SCALE, "data.crop_ratio": RATIO,
-    "data.eval_crop": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "data.eval_crop": FRACTION,
     "data.hflip": BOOL, "data.antialias": BOOL, "data.color_jitter": PROBABILITY,
     "data.rand_augment_ops": COUNT, "data.rand_augment_magnitude": NON_NEGATIVE,
     "data.rand_augment_std": NON_NEGATIVE, "data.random_erasing": PROBABILITY,
@@ -97,7 +98,7 @@ FIELDS = {
     "classifier.num_classes": INT, "classifier.pool": STR, "classifier.head": STR,
     "classifier.drop_path": NUMBER, "classifier.head_init_std": NON_NEGATIVE,
     "finetune.optimizer": STR, "finetune.trainable_blocks": AUTO,
-    "finetune.layer_decay": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "finetune.layer_decay": FRACTION,
     "finetune.train_final_norm": BOOL, "finetune.mixup": NON_NEGATIVE,
     "finetune.cutmix": NON_NEGATIVE, "finetune.mixup_switch_prob": PROBABILITY,
     "finetune.mixup_prob": PROBABILITY, "finetune.label_smoothing": BELOW_ONE,
