@@ -382,17 +382,22 @@ def test_bad_inputs_fail_with_one_clear_error(tiny_config, imagenet, tmp_path):
     ip.create_pretrain_iterator(config, process_index=0, process_count=2)
 
 
-def test_mock_data_drives_the_training_loop(tiny_config, imagenet, tmp_path):
+def test_mock_data_drives_the_training_loop(tiny_config, imagenet, tmp_path, monkeypatch):
   """flax-examples style: the real loop on `tfds.testing.mock_data` (random JPEGs of random
   sizes) for imagenet2012, using the metadata (splits) of the prepared tiny copy."""
   config = _config(tiny_config, imagenet)
   ip.tfds_builder(config.data, prepare=True)
   config.update(batch_size=8, total_steps=6, warmup_steps=2, log_every=3, num_preview_images=2)
   # mock_data fakes the file system process-wide while a dataset opens (`as_dataset`, on the
-  # main thread here): a checkpoint written in the background at that moment would lose its
-  # files. Saves on the main thread, and no probes (their datasets would overlap the save).
+  # main thread here): any checkpoint file access in the background at that moment goes to its
+  # fake root. So: saves on the main thread, no probes (their datasets would overlap a save), and
+  # no background sweep of interrupted saves (orbax lists the directory in a thread when the
+  # manager opens; CI once lost that race). The workdir is new, there is nothing to sweep.
   config.checkpoint.async_save = False
   config.evals.fewshot.every_steps = config.evals.knn.every_steps = 0
+  manager = checkpointing.manager
+  monkeypatch.setattr(checkpointing, "manager",
+                      lambda *a, **k: manager(*a, **{**k, "writer": False}))
   with tfds.testing.mock_data(num_examples=20, data_dir=imagenet[1],
                               policy=tfds.testing.MockPolicy.USE_FILES):
     state, history = train.train_and_evaluate(config, str(tmp_path))
