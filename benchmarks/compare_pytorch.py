@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from mae_jax import flops, preload, sharding, train
+from mae_jax import flops, preload, sharding
+from mae_jax import steps as steps_lib
 
 
 def _timed(fn, sync):
@@ -39,7 +40,7 @@ def ours(size, batch, mask_ratio, overrides, dtype):
     base.apply_args(config, overrides)
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  built = train.build(config, mesh, 1000, 1)
+  built = steps_lib.build(config, mesh, 1000, 1)
   state, static = built.init_fn()
   rng = np.random.default_rng(0)
   data = sharding.global_batch(

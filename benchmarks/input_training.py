@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 from configs import fmnist_pretrain  # noqa: E402
-from mae_jax import preload, sharding, train  # noqa: E402
+from mae_jax import preload, sharding  # noqa: E402
+from mae_jax import steps as steps_lib  # noqa: E402
 from mae_jax.data import idx  # noqa: E402
 
 
@@ -114,7 +115,7 @@ def run(source, npz, folder, args):
   steps = 2 * args.rounds * args.window + 5
   config = make_config(source, npz, folder, steps, args.work)
   mesh = sharding.make_mesh(config.mesh)
-  built = train.build(config, mesh, steps, 10)
+  built = steps_lib.build(config, mesh, steps, 10)
   state, static = built.init_fn()
   batches = built.task.train_batches(config, 0)
   fixed = sharding.global_batch(next(batches), mesh)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from configs import base
-from mae_jax import flops, preload, sharding, train
+from mae_jax import flops, preload, sharding
+from mae_jax import steps as steps_lib
 
 
 def measure(size, batch, steps, dtype, mesh_shape=(-1, 1, 1), overrides="", compile_only=False):
@@ -31,7 +32,7 @@ def measure(size, batch, steps, dtype, mesh_shape=(-1, 1, 1), overrides="", comp
   config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(batch, mesh)
-  built = train.build(config, mesh, steps + 1, 1)
+  built = steps_lib.build(config, mesh, steps + 1, 1)
   state, static = built.init_fn()
   rng = np.random.default_rng(0)
   batch_data = sharding.global_batch(

@@ -26,12 +26,11 @@ from mae_jax.weights import (CLASSIFIER_PREFIXES, DECODER_PREFIXES, KINDS, Impor
                              save_imported, summarise_keys)
 from mae_jax.weights.classifier import load_pytorch_classifier
 from mae_jax.weights.hf import HF_WEIGHTS, hf_config
-from mae_jax.weights.workdir import EXTRAS_ITEM, LEGACY_EXTRAS_FILE
+from mae_jax.weights.workdir import EXTRAS_ITEM
 
-EXTRAS_FILE = LEGACY_EXTRAS_FILE  # the side file of older workdirs; new ones use EXTRAS_ITEM
 
 __all__ = [
-    "AtomicOutput", "CLASSIFIER_PREFIXES", "DECODER_PREFIXES", "EXTRAS_FILE", "EXTRAS_ITEM",
+    "AtomicOutput", "CLASSIFIER_PREFIXES", "DECODER_PREFIXES", "EXTRAS_ITEM",
     "HF_WEIGHTS", "Imported", "KINDS", "add_checkpoint_flags", "add_model_flags",
     "export_checkpoint", "export_state_dict", "full_config", "hf_config", "hf_to_official",
     "import_checkpoint", "infer_model_config", "is_our_checkpoint", "load_any",

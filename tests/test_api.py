@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import mae_jax
-from mae_jax import api, sharding, train
+from mae_jax import api, sharding
+from mae_jax import steps as steps_lib
 from mae_jax import data as mae_data
 
 
@@ -18,7 +19,7 @@ def trained(trained_run):
 
 def _reference_model(config, state):
   mesh = sharding.make_mesh(config.mesh)
-  built = train.build(config, mesh, 6, 2)
+  built = steps_lib.build(config, mesh, 6, 2)
   _, static = built.init_fn()
   return nnx.merge(built.graphdef, state.params, static.rest)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mae_jax import checkpointing, sharding, train
+from mae_jax import steps as steps_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ("img_size=32,embed_dim=32,depth=2,num_heads=4,decoder_embed_dim=32,decoder_depth=1,"
@@ -55,7 +56,7 @@ def test_restore_fsdp_checkpoint_on_other_meshes(tmp_path, tiny_config):
   saved = _params(state)
   for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (4, 2, 1))):
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
-    built = train.build(config, mesh, 2, 1)
+    built = steps_lib.build(config, mesh, 2, 1)
     target = sharding.abstract_with_shardings(built.abstract_state, built.state_sh)
     restored, step = checkpointing.restore(tmp_path, params=target.params,
                                            opt_state=target.opt_state)

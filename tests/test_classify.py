@@ -15,6 +15,7 @@ from PIL import Image
 
 from configs import classify_base
 from mae_jax import classifier, initial_state, sharding, summaries, train
+from mae_jax import steps as steps_lib
 from mae_jax import data as mae_data
 from mae_jax.tasks import classify
 from mae_jax.weights import workdir as workdir_lib
@@ -60,7 +61,7 @@ def _initial(config, workdir):
   """The state a run starts from (before any step), through the loop's own restore path."""
   mesh = sharding.make_mesh(config.mesh)
   classify.TASK.check(config)
-  built = train.build(config, mesh, config.total_steps, config.warmup_steps)
+  built = steps_lib.build(config, mesh, config.total_steps, config.warmup_steps)
   state = initial_state.restore_or_init(built, config, str(workdir))[0]
   return _leaves(state.params), _leaves(state.model_state)
 
@@ -287,7 +288,7 @@ def test_finetune_init_from_a_finetuned_checkpoint_takes_all_weights_and_starts_
   config.init_from = str(tmp_path / "ft")
   mesh = sharding.make_mesh(config.mesh)
   classify.TASK.check(config)
-  built = train.build(config, mesh, config.total_steps, config.warmup_steps)
+  built = steps_lib.build(config, mesh, config.total_steps, config.warmup_steps)
   state, _, data_state, start = initial_state.restore_or_init(built, config, str(tmp_path / "x"))
   assert start == 0 and int(state.step) == 0 and data_state is None  # lr schedule from 0
   want, got = _leaves(done.params), _leaves(state.params)

@@ -183,7 +183,7 @@ def test_official_vit_b_round_trip_bit_identical(tmp_path):
   assert (mc.embed_dim, mc.depth, mc.num_heads, mc.patch_size, mc.img_size) == (768, 12, 12, 16, 224)
   assert (mc.decoder_embed_dim, mc.decoder_depth, mc.decoder_num_heads) == (512, 8, 16)
   # the official float32 sin-cos tables equal ours bit for bit: nothing kept aside
-  assert not os.path.exists(tmp_path / "ours" / convert.EXTRAS_FILE)
+  assert not (tmp_path / "ours" / checkpointing.CHECKPOINT_DIR / "0" / convert.EXTRAS_ITEM).exists()
   convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back.pth")])
   back = _read_pth(tmp_path / "back.pth")
   assert {k: v.shape for k, v in back.items()} == shapes  # what models_mae loads strictly
@@ -252,28 +252,6 @@ def test_finetuned_extras_are_a_checkpoint_item_not_a_side_file(tmp_path):
   np.testing.assert_array_equal(extras["head"]["weight"], sd["head.weight"])
   assert checkpointing.restore_arrays(tmp_path / "ours", 0, "no_such_item") is None
   convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back.pth")])
-  _assert_bit_identical(_read_pth(tmp_path / "back.pth"), sd)
-
-
-def test_workdir_with_legacy_extras_side_file_still_loads_and_exports(tmp_path):
-  # The layout `convert` wrote before extras became an item: step 0 without `extras/`,
-  # and the weights the MAE cannot hold in <workdir>/converted_extras.npz.
-  pytest.importorskip("torch")
-  pth, sd = _finetuned_file(tmp_path, seed=7)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    imported = convert.import_checkpoint(pth, num_heads=4, decoder_embed_dim=32,
-                                         decoder_depth=1, decoder_num_heads=4)
-  legacy = tmp_path / "legacy"
-  checkpointing.save(legacy, 0, nnx.state(imported.model, nnx.Param), None, imported.meta(),
-                     convert.full_config(imported.model.config))
-  np.savez(legacy / convert.LEGACY_EXTRAS_FILE, **imported.extras)
-  assert not (legacy / checkpointing.CHECKPOINT_DIR / "0" / convert.EXTRAS_ITEM).exists()
-  current = convert.save_imported(imported, tmp_path / "current")  # today's layout
-  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  np.testing.assert_array_equal(mae_jax.load(legacy).encode(images),
-                                mae_jax.load(current).encode(images))
-  convert.main(["--input", str(legacy), "--output", str(tmp_path / "back.pth")])
   _assert_bit_identical(_read_pth(tmp_path / "back.pth"), sd)
 
 

@@ -51,7 +51,7 @@ def test_crop_fallback_is_centered():
 
 
 def test_flip_rate_and_normalisation():
-  batches = ip.PhotoBatches(8, 32, seed=0, random_crop=False)
+  batches = ip.PhotoBatches(8, 32, seed=0, crop="center")
   flips, total = 0, 0
   for _ in range(50):
     rng = np.random.default_rng([1, total])

@@ -10,7 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from mae_jax import config_check, sharding, tasks, train
+from mae_jax import config_check, sharding, tasks
+from mae_jax import steps as steps_lib
 from mae_jax import model as model_lib
 from mae_jax import state as state_lib
 
@@ -90,8 +91,8 @@ def _sgd_step(config, batch):
   tx = optax.sgd(1.0)
   abstract = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(0)))
   graphdef = state_lib.split_model(task, abstract)[0]
-  state, static = train._init(task, config, tx)  # pylint: disable=protected-access
-  step = jax.jit(functools.partial(train.train_step, task, config, graphdef, tx,
+  state, static = steps_lib.init_state(task, config, tx)  # pylint: disable=protected-access
+  step = jax.jit(functools.partial(steps_lib.train_step, task, config, graphdef, tx,
                                    lambda s: 1.0, None))
   return step(state, static, batch)
 
@@ -111,7 +112,7 @@ def test_accum_steps_equal_the_big_batch_step(tiny_config, accum):
 
 
 def test_accum_steps_on_a_sharded_mesh_with_adamw(tiny_config):
-  """The jitted, sharded step of `train.build` (2 devices): same loss, norm and params.
+  """The jitted, sharded step of `steps_lib.build` (2 devices): same loss, norm and params.
 
   AdamW's first steps move every weight by ~lr x sign(grad), so a gradient that is zero up to
   rounding may step either way: params agree within 2 x lr, the loss and norm within 1e-6.
@@ -124,7 +125,7 @@ def test_accum_steps_on_a_sharded_mesh_with_adamw(tiny_config):
   for accum in (1, 2):
     tiny_config.accum_steps = accum
     mesh = sharding.make_mesh(tiny_config.mesh)
-    built = train.build(tiny_config, mesh, 10, 1)
+    built = steps_lib.build(tiny_config, mesh, 10, 1)
     state, static = built.init_fn()
     batch = sharding.global_batch(local, mesh)
     for _ in range(2):  # step 1 has lr > 0

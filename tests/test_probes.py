@@ -207,6 +207,7 @@ jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
 sys.path.insert(0, {tests!r})
 import numpy as np
 from mae_jax import evaluators, sharding, train
+from mae_jax import steps as steps_lib
 from mae_jax.tasks import pretrain
 from test_data_tf import imagenet  # noqa: F401  # pylint: disable=unused-import  # a fixture
 import test_probes
@@ -214,7 +215,7 @@ config = test_probes._config({folder!r})
 config.mesh.data, config.mesh.fsdp = 4, 2  # 8 devices over 2 processes, the batch over all
 pretrain.TASK.check(config)
 mesh = sharding.make_mesh(config.mesh)
-built = train.build(config, mesh, 4, 1)
+built = steps_lib.build(config, mesh, 4, 1)
 state, static = built.init_fn()
 evs = pretrain.TASK.evaluators(config)
 context = evaluators.Context(built, state, static, mesh)

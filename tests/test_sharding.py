@@ -4,6 +4,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mae_jax import sharding, train
+from mae_jax import steps as steps_lib
 from mae_jax import data as mae_data
 
 
@@ -37,7 +38,7 @@ def test_batch_not_divisible_clear_error(tiny_config):
 
 
 def _run_steps(config, mesh, steps=2):
-  built = train.build(config, mesh, total_steps=10, warmup_steps=2)
+  built = steps_lib.build(config, mesh, total_steps=10, warmup_steps=2)
   state, static = built.init_fn()
   batches = mae_data.create_pretrain_iterator(config)
   losses = []

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mae_jax import checkpointing, summaries, train
+from mae_jax import steps as steps_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,7 +218,7 @@ def test_restore_of_weights_without_optimizer_state_starts_a_fresh_optimizer(
     assert not os.path.exists(tmp_path / "converted" / "checkpoints" / "0" / "opt_state")
   config = _short(tiny_config, 2)
   config.log_every, config.warmup_steps = 1, 1
-  built = train.build(config, sharding.make_mesh(config.mesh), 2, 1)
+  built = steps_lib.build(config, sharding.make_mesh(config.mesh), 2, 1)
   state, _, _, step = initial_state.restore_or_init(built, config, str(tmp_path / "run"),
                                                     restore)
   assert step == 0

@@ -36,10 +36,8 @@ class PhotoBatches:
   """
 
   def __init__(self, batch_size, image_size, *, seed=0, scale=(0.2, 1.0),
-               ratio=(3 / 4, 4 / 3), hflip=True, crop="random_resized", random_crop=None,
+               ratio=(3 / 4, 4 / 3), hflip=True, crop="random_resized",
                ship_uint8=False, start_step=0, process_index=0, process_count=1):
-    if random_crop is not None:  # older spelling: True = random-resized, False = centre crop
-      crop = "random_resized" if random_crop else "center"
     self.photos = bundled_photos()
     self.global_batch = batch_size
     self.batch_size = order.local_batch(batch_size, process_count)

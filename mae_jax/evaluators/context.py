@@ -1,9 +1,6 @@
-"""What an evaluator's `run(context)` gets from the loop: the built step functions, the state,
-the mesh, and the jitted, sharded encoder feature function."""
+"""What an evaluator's `run(context)` gets from the loop: the built step functions (with the
+jitted, sharded encoder features), the state and the mesh."""
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -30,7 +27,8 @@ def encoder_features(model, images, pool):
   return model.features(images)
 
 
-def _features_step(graphdef, pool, params, model_state, static, batch):
+def features_step(graphdef, pool, params, model_state, static, batch):
+  """Features, labels, valid and index of one global batch (jitted by `steps.build`)."""
   model = nnx.merge(graphdef, params, model_state, static.rest)
   images = batch["images"]
   if images.dtype == np.uint8:
@@ -38,19 +36,6 @@ def _features_step(graphdef, pool, params, model_state, static, batch):
   feats = encoder_features(model, images, pool).astype(jnp.float32)
   return {"features": feats, "label": batch["label"], "valid": batch["valid"],
           "index": batch["index"]}
-
-
-def feature_fn(built, mesh, pool):
-  """The jitted features of one global eval batch, replicated on every device (an all-gather),
-  compiled once per run and pool."""
-  cache = vars(built).setdefault("feature_fns", {})
-  if pool not in cache:
-    cache[pool] = jax.jit(
-        functools.partial(_features_step, built.graphdef, pool),
-        in_shardings=(built.state_sh.params, built.state_sh.model_state, built.static_sh,
-                      sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh))
-  return cache[pool]
 
 
 class Context:
@@ -68,7 +53,6 @@ class Context:
   def features(self, local_batch, pool):
     """numpy `features` (B, D), `label`, `valid`, `index` of the whole global batch, on
     every process."""
-    fn = feature_fn(self.built, self.mesh, pool)
-    out = fn(self.state.params, self.state.model_state, self.static,
+    out = self.built.feature_fn(pool)(self.state.params, self.state.model_state, self.static,
              sharding.global_batch(local_batch, self.mesh))
     return {k: np.asarray(v) for k, v in sharding.to_host(out).items()}

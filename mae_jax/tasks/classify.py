@@ -87,6 +87,11 @@ class Classify:
   def build_model(self, config, rngs):
     return classifier.Classifier(config.model, config.classifier, rngs=rngs)
 
+  def flops_per_image(self, config):
+    """Not counted (no MFU in classification logs)."""
+    del config
+    return None
+
   def optimizer(self, config, total_steps, warmup_steps, abstract_params):
     """AdamW with layer-wise lr decay, or LARS (linear probe); frozen params never move."""
     ft = config.finetune

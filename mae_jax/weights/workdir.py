@@ -3,8 +3,7 @@
 An import writes step 0 of a workdir: the MAE params, no optimizer state, a `meta` item
 saying where the weights came from and an `extras` item with what the MAE has no place
 for (a fine-tuned `head` / `fc_norm`, a trained position table), so that an export gives
-the original file back bit for bit. Workdirs written before `extras` became an item keep
-those weights in a side file, `converted_extras.npz`, which is still read.
+the original file back bit for bit.
 """
 
 import json
@@ -18,7 +17,6 @@ from mae_jax import model as model_lib
 from mae_jax.weights import files, hf, keys, load
 
 EXTRAS_ITEM = "extras"  # checkpoint item: file weights the MAE cannot hold
-LEGACY_EXTRAS_FILE = "converted_extras.npz"  # where workdirs written before 2026-12 keep them
 
 
 def _nest(state_dict):
@@ -60,13 +58,7 @@ def converted_from(path_or_workdir, step=None):
   items, step = checkpointing.restore(workdir, step)
   converted = dict(items["meta"].get("converted_from") or {})
   extras = checkpointing.restore_arrays(workdir, step, EXTRAS_ITEM)
-  if extras is not None:
-    return converted, flatten(extras)
-  legacy = os.path.join(workdir, LEGACY_EXTRAS_FILE)
-  if os.path.isfile(legacy):
-    with np.load(legacy, allow_pickle=False) as npz:
-      return converted, {k: npz[k] for k in npz.files}
-  return converted, {}
+  return converted, flatten(extras) if extras is not None else {}
 
 
 def restore_mae(path_or_workdir, step=None):
